@@ -1,0 +1,315 @@
+"""Typed run configuration: dataclasses with defaults, ``a.b=c`` overrides, validation, a stable hash.
+
+A resolved :class:`Config` has fixed sections (``run``, ``data``, ``optim``) and two sections named
+after the chosen method and backbone (``boostnet``, ``msdnet``, ...) whose dataclasses come from the
+registry. So ``method=boostnet boostnet.temperature=0.25 backbone=msdnet msdnet.n_blocks=7`` is valid
+and ``ranet.n_blocks=2`` with ``backbone=msdnet`` is an error that says which sections exist.
+
+Field metadata drives validation: ``choices`` (allowed values), ``min`` / ``max`` (inclusive bounds),
+``hash=False`` (excluded from the config hash: where results go, not what they are).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dynlab import registry
+from dynlab.errors import ConfigError
+
+
+def choice(default, *choices, **meta):
+    return field(default=default, metadata={"choices": tuple(choices), **meta})
+
+
+def bounded(default, lo=None, hi=None, **meta):
+    return field(default=default, metadata={"min": lo, "max": hi, **meta})
+
+
+@dataclass
+class RunConfig:
+    name: str = field(default="", metadata={"hash": False, "help": "Ray Train run name; the same name resumes"})
+    experiment: str = field(default="dynlab", metadata={"hash": False})
+    seed: int = bounded(0, 0)
+    epochs: int = bounded(4, 1)
+    num_workers: int = bounded(1, 0, help="Ray Train workers; 0 runs in the driver process")
+    cpus_per_worker: float = bounded(1.0, 0.0)
+    use_gpu: bool = False
+    amp: str = choice("none", "none", "bf16", "fp16")
+    max_failures: int = bounded(0, 0, help="worker-group restarts before the run fails")
+    select: str = choice("best", "best", "last", help="model selection: best held-out accuracy, or last epoch")
+    grad_clip: float = bounded(0.0, 0.0, help="max gradient norm; 0 disables")
+    storage_path: str = field(default="", metadata={"hash": False, "help": "Ray Train storage; default ./dynlab_runs"})
+    predict_batches: int = bounded(0, 0, help="limit batches when predicting (0 = all); for smoke tests")
+    kill_after_epoch: int = field(default=-1, metadata={"hash": False, "min": -1, "help": "fault injection for tests"})
+
+
+@dataclass
+class DataConfig:
+    name: str = choice("digits", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+    root: str = field(default="", metadata={"help": "dataset folder or .zip (imagefolder, cifar)"})
+    heldout: int = bounded(-1, -1, help="held-out images taken from train; -1 = dataset default")
+    batch_size: int = bounded(64, 1)
+    eval_batch_size: int = bounded(256, 1)
+    augment: bool = True
+    loader_workers: int = bounded(0, 0)
+    download: bool = False
+    image_size: int = bounded(0, 0, help="0 = dataset default")
+    synthetic_train: int = bounded(512, 1)
+    synthetic_test: int = bounded(256, 1)
+    synthetic_classes: int = bounded(10, 2)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = bounded(0.1, 0.0)
+    momentum: float = bounded(0.9, 0.0, 1.0)
+    weight_decay: float = bounded(1e-4, 0.0)
+    nesterov: bool = False
+    schedule: str = choice("multistep", "multistep", "cosine", "constant")
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75], metadata={"help": "fractions of epochs"})
+    gamma: float = bounded(0.1, 0.0, 1.0)
+    warmup_epochs: int = bounded(0, 0)
+
+
+SHORTCUTS = {
+    "dataset": "data.name",
+    "epochs": "run.epochs",
+    "seed": "run.seed",
+    "workers": "run.num_workers",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "name": "run.name",
+}
+
+FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig}
+
+
+@dataclass
+class Config:
+    method: str = "boostnet"
+    backbone: str = "msdnet"
+    preset: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method_cfg: Any = None  # the registered method's dataclass, section name = self.method
+    backbone_cfg: Any = None  # the registered backbone's dataclass, section name = self.backbone
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method, "backbone": self.backbone, "preset": self.preset}
+        for name in FIXED_SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out[self.method] = dataclasses.asdict(self.method_cfg) if self.method_cfg is not None else {}
+        out[self.backbone] = dataclasses.asdict(self.backbone_cfg) if self.backbone_cfg is not None else {}
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as logged to MLflow params."""
+        return _flatten(self.to_dict())
+
+    def hash(self) -> str:
+        """Stable short hash of everything that changes results (fields with hash=False excluded)."""
+        d = self.to_dict()
+        for section, cls in [*FIXED_SECTIONS.items(), (self.method, type(self.method_cfg)), (self.backbone, type(self.backbone_cfg))]:
+            if dataclasses.is_dataclass(cls):
+                for f in dataclasses.fields(cls):
+                    if f.metadata.get("hash", True) is False:
+                        d[section].pop(f.name, None)
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
+        """A new resolved config: this one's values plus ``overrides``."""
+        merged = dict(self.flat())
+        merged.update(_as_dict(overrides))
+        return resolve(merged)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` (values parsed as YAML scalars/lists)."""
+    out = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(arg, arg, "key=value (dotted keys, e.g. run.epochs=3)")
+        key, value = arg.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _as_dict(overrides) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return _flatten(overrides) if any(isinstance(v, dict) for v in overrides.values()) else dict(overrides)
+    return parse_overrides(list(overrides))
+
+
+def _coerce(key: str, value, tp, meta) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [_parse_value(v) for v in value.replace("-", ",").split(",") if v != ""] if "," in value or "-" in value else [_parse_value(value)]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, f"a list of {getattr(inner, '__name__', inner)}")
+        return [_coerce(f"{key}[{i}]", v, inner, {}) for i, v in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0], meta)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if value in (0, 1):
+            return bool(value)
+        raise ConfigError(key, value, "true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(key, value, "an integer")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        value = float(value)
+    elif tp is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(key, value, "a string")
+        value = str(value)
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(key, value, "one of " + ", ".join(map(str, choices)))
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(key, value, f">= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(key, value, (f">= {lo} and " if lo is not None else "") + f"<= {hi}")
+    return value
+
+
+def build_section(section: str, cls: type, values: dict[str, Any]):
+    """Instantiate dataclass ``cls`` from ``values``; unknown keys and bad values are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"{section}.{name}", value, f"a key of '{section}': " + ", ".join(fields))
+        kwargs[name] = _coerce(f"{section}.{name}", value, hints[name], fields[name].metadata)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(section)  # cross-field rules; raises ConfigError
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", str(path), "an existing YAML file")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(path), "a YAML mapping of keys to values")
+    return _flatten(data)
+
+
+def resolve(overrides: dict[str, Any] | list[str] | None = None, yaml_path: str | Path | None = None) -> Config:
+    """Defaults <- preset <- YAML file <- overrides; then typed, validated and frozen into a Config."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update(_as_dict(overrides))
+    if "config" in values:  # `config=path.yaml` on the command line
+        path = values.pop("config")
+        rest = values
+        values = load_yaml(path)
+        values.update(rest)
+    values = {SHORTCUTS.get(k, k): v for k, v in values.items()}
+
+    preset_name = str(values.pop("preset", "") or "")
+    preset_values: dict[str, Any] = {}
+    if preset_name:
+        preset = registry.get_preset(preset_name)
+        if "backbone" in values and values["backbone"] != preset.backbone:
+            raise ConfigError("backbone", values["backbone"], f"'{preset.backbone}' (the backbone of preset '{preset_name}'), or drop one of them")
+        values.setdefault("backbone", preset.backbone)
+        preset_values = {f"{preset.backbone}.{k}": v for k, v in preset.values.items()}
+
+    method = str(values.pop("method", Config.method))
+    backbone = str(values.pop("backbone", Config.backbone))
+    m_entry = registry.get_method(method)
+    b_entry = registry.get_backbone(backbone)
+    if m_entry.backbones and backbone not in m_entry.backbones:
+        raise ConfigError("backbone", backbone, f"one of {', '.join(m_entry.backbones)} for method '{method}'")
+
+    sections: dict[str, dict[str, Any]] = {name: {} for name in [*FIXED_SECTIONS, method, backbone]}
+    for key, value in {**preset_values, **values}.items():
+        head, _, rest = key.partition(".")
+        if head not in sections or not rest:
+            allowed = ", ".join([*SHORTCUTS, "method", "backbone", "preset", "config"] + [f"{s}.*" for s in sections])
+            raise ConfigError(key, value, f"a known key: {allowed}")
+        sections[head][rest] = value
+
+    cfg = Config(method=method, backbone=backbone, preset=preset_name)
+    for name, cls in FIXED_SECTIONS.items():
+        setattr(cfg, name, build_section(name, cls, sections[name]))
+    cfg.method_cfg = build_section(method, m_entry.config_cls, sections[method])
+    cfg.backbone_cfg = build_section(backbone, b_entry.config_cls, sections[backbone])
+    _validate_cross(cfg)
+    return cfg
+
+
+def _validate_cross(cfg: Config) -> None:
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.root", cfg.data.root, "a folder or .zip in ImageNet layout (train/<class>/..., val|test/<class>/...) for dataset imagefolder")
+    if cfg.run.amp != "none" and not cfg.run.use_gpu:
+        raise ConfigError("run.amp", cfg.run.amp, "none unless run.use_gpu=true (AMP is a GPU path)")
+    ms = cfg.optim.milestones
+    if any(not 0 < m < 1 for m in ms) or ms != sorted(ms):
+        raise ConfigError("optim.milestones", ms, "increasing fractions of the epochs, each in (0, 1), e.g. [0.5, 0.75]")
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.yaml)."""
+    return resolve(_flatten(copy.deepcopy(d)))
+
+
+def cli_config(argv: list[str]) -> Config:
+    """Resolve from command-line ``key=value`` arguments (``config=file.yaml`` loads a file first)."""
+    return resolve(parse_overrides(argv))
