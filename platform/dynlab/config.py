@@ -81,6 +81,14 @@ class OptimConfig:
     warmup_epochs: int = bounded(0, 0)
 
 
+@dataclass
+class EvalConfig:
+    budgets: list[float] = field(default_factory=list, metadata={"help": "budgets in MMACs per image; empty = eval.num_budgets evenly spaced"})
+    num_budgets: int = bounded(8, 0)
+    p_grid: bool = field(default=True, metadata={"help": "also evaluate the reference p-grid (q = p/20, p = 1..39)"})
+    flat_curve: bool = field(default=False, metadata={"help": "BoostNet's flat-curve rule on the p-grid"})
+
+
 SHORTCUTS = {
     "dataset": "data.name",
     "epochs": "run.epochs",
@@ -91,7 +99,7 @@ SHORTCUTS = {
     "name": "run.name",
 }
 
-FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig}
+FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     method_cfg: Any = None  # the registered method's dataclass, section name = self.method
     backbone_cfg: Any = None  # the registered backbone's dataclass, section name = self.backbone
 
@@ -300,6 +309,8 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError("data.root", cfg.data.root, "a folder or .zip in ImageNet layout (train/<class>/..., val|test/<class>/...) for dataset imagefolder")
     if cfg.run.amp != "none" and not cfg.run.use_gpu:
         raise ConfigError("run.amp", cfg.run.amp, "none unless run.use_gpu=true (AMP is a GPU path)")
+    if any(b <= 0 for b in cfg.eval.budgets):
+        raise ConfigError("eval.budgets", cfg.eval.budgets, "positive budgets in MMACs per image")
     ms = cfg.optim.milestones
     if any(not 0 < m < 1 for m in ms) or ms != sorted(ms):
         raise ConfigError("optim.milestones", ms, "increasing fractions of the epochs, each in (0, 1), e.g. [0.5, 0.75]")

@@ -1,9 +1,67 @@
-"""Datasets, held-out split and transforms. (Being written; static_info is the stable part.)"""
+"""Datasets, the held-out split and transforms.
+
+``build_datasets(cfg.data, seed)`` returns a :class:`DataBundle`:
+
+* ``train``   - the training images minus the held-out ones, with training augmentation
+  (``data.augment=false`` serves them with the eval transform instead);
+* ``heldout`` - the held-out subset of the *training* set, served with the eval transform (no
+  augmentation), for model selection; ``heldout_indices`` / ``train_indices`` index the full
+  training set and are what a run saves;
+* ``test``    - the test (or ``val``) split, eval transform;
+* ``info``    - a :class:`~dynlab.registry.DatasetInfo` for the model builders.
+
+Every dataset yields ``(float tensor [3, H, W], int label)``.
+
+The held-out split is ``np.random.default_rng(seed).permutation(n_train)``: its first ``heldout``
+entries are held out. ``data.heldout=-1`` picks the dataset default (5,000 for CIFAR; 300 for
+digits; 50,000 for an image folder with >= 500k training images, else 10%; 10% for synthetic).
+``data.heldout=0`` is allowed and gives an empty held-out set; model selection (``run.select=best``)
+then has nothing to score, so use ``run.select=last`` with it.
+
+Datasets (``data.name``):
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, no download), scaled to [0, 1],
+  resized bilinearly to 32x32 (or ``data.image_size``) and replicated to 3 channels. A fixed split
+  (fixed seed, independent of the run seed) gives 1,297 train / 500 test images. Kept in memory;
+  augmentation is a random 32 crop of the image padded by 2 (no flips), done with tensor ops.
+* ``cifar10`` / ``cifar100``: torchvision's datasets under ``data.root`` (downloaded there only with
+  ``data.download=true``). CIFAR-100 datasets also carry ``coarse_targets`` (the 20 superclasses),
+  read from the pickled files torchvision keeps.
+* ``imagefolder``: ``data.root`` is a folder or a ``.zip`` with ``train/<class>/*`` and
+  ``val/<class>/*`` (or ``test/``), possibly under one top-level folder. A zip is extracted once into
+  ``$DYNLAB_CACHE`` (default ``~/.cache/dynlab``) as ``<zip stem>-<hash>``; the extraction is
+  atomic. Small images (<= 64 px, e.g. CIFAR as JPEGs) get CIFAR-style augmentation at their
+  native size; larger ones ImageNet-style (RandomResizedCrop 224 + flip; eval Resize 256 +
+  CenterCrop 224). ``data.image_size`` overrides the size. Normalised with the ImageNet mean/std.
+* ``synthetic``: seeded random images, generated lazily and deterministically per index (so any
+  size costs no memory), with class-dependent low-frequency patterns so models can learn them.
+
+All paths are made absolute, as Ray workers change directory.
+"""
 
 from __future__ import annotations
 
-from dynlab.errors import ConfigError
+import copy
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from dynlab.errors import ConfigError, DataError
 from dynlab.registry import DatasetInfo
+
+if TYPE_CHECKING:  # only for annotations: keeps dynlab.data importable from config/registry
+    from dynlab.config import DataConfig
 
 # Classes and input size of the datasets the presets are defined for (no data needed to know them).
 STATIC_INFO = {
@@ -18,3 +76,527 @@ def static_info(name: str) -> DatasetInfo:
     if name not in STATIC_INFO:
         raise ConfigError("dataset", name, "one of " + ", ".join(STATIC_INFO))
     return STATIC_INFO[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundle and held-out split
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    heldout: Dataset
+    test: Dataset
+    heldout_indices: np.ndarray  # int64, sorted, into the full training set
+    train_indices: np.ndarray  # int64, sorted, into the full training set
+    info: DatasetInfo
+    classes: list[str] = field(default_factory=list)
+
+
+class IndexedSubset(Subset):
+    """``torch.utils.data.Subset`` that also exposes the subset's ``targets`` / ``coarse_targets``."""
+
+    def _pick(self, name):
+        values = getattr(self.dataset, name, None)
+        if values is None:
+            return None
+        return [int(values[i]) for i in self.indices]
+
+    @property
+    def targets(self):
+        return self._pick("targets")
+
+    @property
+    def coarse_targets(self):
+        return self._pick("coarse_targets")
+
+
+def default_heldout(name: str, n_train: int) -> int:
+    """Held-out size used when ``data.heldout=-1``."""
+    if name in ("cifar10", "cifar100"):
+        return 5000
+    if name == "digits":
+        return 300
+    if name == "imagefolder" and n_train >= 500_000:
+        return 50_000
+    return max(1, n_train // 10) if n_train >= 2 else 0  # imagefolder (small) and synthetic: 10%
+
+
+def heldout_split(n_train: int, heldout: int, seed: int, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """``(train_indices, heldout_indices)``: sorted int64 arrays from a seeded permutation."""
+    default = default_heldout(name, n_train)
+    size = default if heldout == -1 else heldout
+    if size < 0 or size >= n_train:
+        raise ConfigError(
+            "data.heldout", heldout,
+            f"-1 (the default, {default}) or 0 .. {n_train - 1}: fewer than the {n_train} training images of '{name}'",
+        )
+    perm = np.random.default_rng(seed).permutation(n_train).astype(np.int64)
+    return np.sort(perm[size:]), np.sort(perm[:size])
+
+
+def _assemble(name, train_aug, train_eval, test, seed, heldout, info, classes) -> DataBundle:
+    train_idx, held_idx = heldout_split(len(train_eval), heldout, seed, name)
+    return DataBundle(
+        train=IndexedSubset(train_aug, train_idx.tolist()),
+        heldout=IndexedSubset(train_eval, held_idx.tolist()),
+        test=test,
+        heldout_indices=held_idx,
+        train_indices=train_idx,
+        info=info,
+        classes=list(classes),
+    )
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> DataBundle:
+    """Train (augmented), held-out (from train, not augmented) and test datasets for ``cfg``."""
+    builders = {
+        "digits": _build_digits,
+        "cifar10": _build_cifar,
+        "cifar100": _build_cifar,
+        "imagefolder": _build_imagefolder,
+        "synthetic": _build_synthetic,
+    }
+    if cfg.name not in builders:
+        raise ConfigError("data.name", cfg.name, "one of " + ", ".join(builders))
+    return builders[cfg.name](cfg, seed)
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """Classes and input size for ``cfg`` without loading the images where possible."""
+    size = cfg.image_size
+    if cfg.name in ("digits", "cifar10", "cifar100"):
+        info = STATIC_INFO[cfg.name]
+        return replace(info, image_size=size) if size > 0 else info
+    if cfg.name == "synthetic":
+        return DatasetInfo("synthetic", cfg.synthetic_classes, size or 32)
+    if cfg.name == "imagefolder":
+        classes, native = _inspect_imagefolder(cfg)
+        return DatasetInfo("imagefolder", len(classes), _imagefolder_size(native, size)[0])
+    raise ConfigError("data.name", cfg.name, "one of digits, cifar10, cifar100, imagefolder, synthetic")
+
+
+def _abs(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def cache_base() -> Path:
+    """``$DYNLAB_CACHE`` or ``~/.cache/dynlab`` (absolute)."""
+    return _abs(os.environ.get("DYNLAB_CACHE") or "~/.cache/dynlab")
+
+
+# --------------------------------------------------------------------------------------------------
+# digits
+
+DIGITS_SPLIT_SEED = 1797  # fixed: the digits test set never depends on the run seed
+DIGITS_TEST = 500
+
+
+class DigitsDataset(Dataset):
+    """In-memory digits: ``images`` [N, 1, S, S] in [0, 1]; normalised (and augmented) per item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, augment: bool, pad: int):
+        self.images, self.labels = images, labels
+        self.mean, self.std, self.augment, self.pad = mean, std, augment, pad
+
+    @property
+    def targets(self):
+        return self.labels.tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        if self.augment and self.pad > 0:
+            s, p = x.shape[-1], self.pad
+            dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = F.pad(x, (p, p, p, p))[:, dy:dy + s, dx:dx + s]  # zero = background ink level
+        x = ((x - self.mean) / self.std).repeat(3, 1, 1)
+        return x, int(self.labels[i])
+
+
+def _digits_arrays(size: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # [1797, 1, 8, 8]
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.from_numpy(np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels)))
+    test_idx, train_idx = perm[:DIGITS_TEST], perm[DIGITS_TEST:]
+    return images[train_idx].contiguous(), labels[train_idx], images[test_idx].contiguous(), labels[test_idx]
+
+
+def _build_digits(cfg: DataConfig, seed: int) -> DataBundle:
+    size = cfg.image_size or 32
+    tr_x, tr_y, te_x, te_y = _digits_arrays(size)
+    # Normalisation from the (fixed) training images: computed here in milliseconds rather than
+    # hard-coded (about mean 0.19, std 0.30 at 32x32).
+    mean, std = float(tr_x.mean()), float(tr_x.std())
+    pad = max(1, round(2 * size / 32))
+    train_aug = DigitsDataset(tr_x, tr_y, mean, std, augment=cfg.augment, pad=pad)
+    train_eval = DigitsDataset(tr_x, tr_y, mean, std, augment=False, pad=pad)
+    test = DigitsDataset(te_x, te_y, mean, std, augment=False, pad=pad)
+    info = replace(STATIC_INFO["digits"], image_size=size)
+    return _assemble("digits", train_aug, train_eval, test, seed, cfg.heldout, info, [str(i) for i in range(10)])
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _small_transforms(size: int, stats, augment: bool, resize: bool):
+    """CIFAR-style: (resize,) random crop with 1/8 padding + horizontal flip; eval: (resize,) tensor."""
+    from torchvision import transforms as T
+
+    pre = [T.Resize(size), T.CenterCrop(size)] if resize else []
+    post = [T.ToTensor(), T.Normalize(*stats)]
+    ev = T.Compose(pre + post)
+    if not augment:
+        return ev, ev
+    tr = T.Compose(pre + [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()] + post)
+    return tr, ev
+
+
+def _large_transforms(size: int, stats, augment: bool):
+    """ImageNet-style: RandomResizedCrop + flip; eval: Resize(size*256/224) + CenterCrop."""
+    from torchvision import transforms as T
+
+    post = [T.ToTensor(), T.Normalize(*stats)]
+    ev = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] + post)
+    if not augment:
+        return ev, ev
+    tr = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + post)
+    return tr, ev
+
+
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def read_coarse_labels(folder: str | os.PathLike, split: str) -> list[int]:
+    """CIFAR-100 superclass labels from ``<folder>/{train,test}`` (torchvision loads fine labels only)."""
+    with open(Path(folder) / split, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return [int(c) for c in entry["coarse_labels"]]
+
+
+def _cifar_root(cfg: DataConfig) -> Path:
+    root = _abs(cfg.root) if cfg.root else cache_base() / "datasets"
+    if root.name == CIFAR_FOLDERS[cfg.name]:  # pointed at the batches folder itself
+        root = root.parent
+    return root
+
+
+def _build_cifar(cfg: DataConfig, seed: int) -> DataBundle:
+    from torchvision import datasets
+
+    name, title = cfg.name, CIFAR_TITLES[cfg.name]
+    root = _cifar_root(cfg)
+    folder = root / CIFAR_FOLDERS[name]
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    where = f"data.root = {cfg.root!r} (resolved: {root})"
+    if not cfg.download and not folder.is_dir():
+        raise DataError(
+            f"{where}: {title} not found (expected the folder {folder}). Set data.download=true to "
+            f"download it there, or point data.root at the folder that contains {CIFAR_FOLDERS[name]}."
+        )
+    try:
+        train_ds = cls(str(root), train=True, download=cfg.download)
+        test_ds = cls(str(root), train=False, download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(
+            f"{where}: {title} files in {folder} are missing or corrupted ({e}). Set data.download=true "
+            f"to download them again, or point data.root at a complete copy."
+        ) from e
+    except OSError as e:  # download failed (no network, disk full, ...)
+        raise DataError(f"{where}: downloading {title} failed ({e}). Point data.root at an existing copy.") from e
+
+    size = cfg.image_size or 32
+    tr_t, ev_t = _small_transforms(size, CIFAR_STATS[name], cfg.augment, resize=size != 32)
+    if name == "cifar100":
+        train_ds.coarse_targets = read_coarse_labels(folder, "train")
+        test_ds.coarse_targets = read_coarse_labels(folder, "test")
+    train_eval = copy.copy(train_ds)  # shares the image array; only the transform differs
+    train_ds.transform, train_eval.transform, test_ds.transform = tr_t, ev_t, ev_t
+    info = replace(STATIC_INFO[name], image_size=size)
+    return _assemble(name, train_ds, train_eval, test_ds, seed, cfg.heldout, info, train_ds.classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# imagefolder
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TEST_SPLITS = ("val", "test")
+LAYOUT = (
+    "a folder or .zip in ImageNet layout: train/<class>/<image> and val/<class>/<image> "
+    "(or test/<class>/<image>), optionally inside one top-level folder"
+)
+COMPLETE_MARKER = ".dynlab-extracted"
+SMALL_IMAGE = 64  # images up to this side get CIFAR-style augmentation at native size
+
+
+def _skip(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")  # .DS_Store, __MACOSX, ...
+
+
+def _locate_splits(has_dir: Callable[[str], bool], top_dirs: list[str]) -> tuple[str, str] | None:
+    """Relative ``(train, test)`` folder names, at the top or inside one top-level folder."""
+    for prefix in ["", *[d + "/" for d in top_dirs]]:
+        if has_dir(prefix + "train"):
+            for t in TEST_SPLITS:
+                if has_dir(prefix + t):
+                    return prefix + "train", prefix + t
+    return None
+
+
+def _layout_error(cfg: DataConfig, path: Path, problem: str) -> DataError:
+    return DataError(f"data.root = {cfg.root!r} (resolved: {path}): {problem}; expected {LAYOUT}")
+
+
+def _imagefolder_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise _layout_error(cfg, Path(""), "not set")
+    path = _abs(cfg.root)
+    if not path.exists():
+        raise _layout_error(cfg, path, "does not exist")
+    return path
+
+
+def zip_cache_dir(zip_path: str | os.PathLike) -> Path:
+    """Where ``zip_path`` is extracted: ``<cache>/<stem>-<hash of path, size and mtime>``."""
+    p = _abs(zip_path)
+    st = p.stat()
+    key = hashlib.sha1(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    return cache_base() / f"{p.stem}-{key}"
+
+
+def _is_extracted(d: Path) -> bool:
+    return (d / COMPLETE_MARKER).is_file()
+
+
+def extract_zip(zip_path: str | os.PathLike) -> Path:
+    """Extract once into :func:`zip_cache_dir` and return it.
+
+    The archive is unpacked into a temporary folder beside the target, marked complete, then renamed
+    into place, so a partial extraction (killed, or still running elsewhere) is never taken for a
+    complete one. A lock file avoids duplicate work between processes on one machine; if the lock
+    is not honoured (e.g. some network filesystems) the rename still keeps the result consistent.
+    """
+    src = _abs(zip_path)
+    final = zip_cache_dir(src)
+    if _is_extracted(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        if _is_extracted(final):
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            with zipfile.ZipFile(src) as zf:
+                zf.extractall(tmp)
+            (tmp / COMPLETE_MARKER).write_text(str(src) + "\n")
+            if final.exists():  # an incomplete leftover under the final name: move it aside
+                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
+                os.rename(final, stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not _is_extracted(final):  # lost a race only counts if the winner finished
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _folder_splits(cfg: DataConfig, base: Path, shown: Path) -> tuple[Path, Path]:
+    tops = sorted(e.name for e in os.scandir(base) if e.is_dir() and not _skip(e.name))
+    found = _locate_splits(lambda rel: (base / rel).is_dir(), tops)
+    if found is None:
+        raise _layout_error(cfg, shown, "no train/ and val/ (or test/) folders found")
+    return base / found[0], base / found[1]
+
+
+def _class_dirs(train_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not _skip(e.name))
+
+
+def _scan(split_dir: Path, class_to_idx: dict[str, int], cfg: DataConfig, shown: Path) -> list[tuple[str, int]]:
+    samples = []
+    for name in sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _skip(e.name)):
+        if name not in class_to_idx:
+            raise _layout_error(cfg, shown, f"class folder {split_dir.name}/{name} has no counterpart in train/")
+        for dirpath, dirnames, filenames in os.walk(split_dir / name):
+            dirnames[:] = sorted(d for d in dirnames if not _skip(d))
+            for fn in sorted(filenames):
+                if fn.lower().endswith(IMG_EXTENSIONS) and not _skip(fn):
+                    samples.append((os.path.join(dirpath, fn), class_to_idx[name]))
+    if not samples:
+        raise _layout_error(cfg, shown, f"no images under {split_dir}")
+    return samples
+
+
+def _open_rgb(fp):
+    from PIL import Image
+
+    img = Image.open(fp)
+    return img.convert("RGB")
+
+
+def _imagefolder_size(native: int, override: int) -> tuple[int, bool]:
+    """``(size, small_style)``: CIFAR style for small images, ImageNet style otherwise."""
+    small = native <= SMALL_IMAGE
+    if override > 0:
+        return override, small
+    return (native if small else 224), small
+
+
+class ImageFolderDataset(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform=None):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.targets = [y for _, y in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        with open(path, "rb") as f:
+            img = _open_rgb(f)
+        return (self.transform(img) if self.transform is not None else img), y
+
+
+def _native_side(path: str) -> int:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return max(img.size)
+
+
+def _build_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
+    path = _imagefolder_root(cfg)
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise _layout_error(cfg, path, "is a file but not a .zip archive")
+        base = extract_zip(path)
+    else:
+        base = path
+    train_dir, test_dir = _folder_splits(cfg, base, path)
+    classes = _class_dirs(train_dir)
+    if not classes:
+        raise _layout_error(cfg, path, f"no class folders in {train_dir}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    train_samples = _scan(train_dir, class_to_idx, cfg, path)
+    test_samples = _scan(test_dir, class_to_idx, cfg, path)
+
+    size, small = _imagefolder_size(_native_side(train_samples[0][0]), cfg.image_size)
+    if small:
+        tr_t, ev_t = _small_transforms(size, IMAGENET_STATS, cfg.augment, resize=True)
+    else:
+        tr_t, ev_t = _large_transforms(size, IMAGENET_STATS, cfg.augment)
+    train_aug = ImageFolderDataset(train_samples, classes, tr_t)
+    train_eval = ImageFolderDataset(train_samples, classes, ev_t)
+    test = ImageFolderDataset(test_samples, classes, ev_t)
+    info = DatasetInfo("imagefolder", len(classes), size)
+    return _assemble("imagefolder", train_aug, train_eval, test, seed, cfg.heldout, info, classes)
+
+
+def _inspect_imagefolder(cfg: DataConfig) -> tuple[list[str], int]:
+    """Class names and native image side, reading a zip's index rather than extracting it."""
+    path = _imagefolder_root(cfg)
+    if path.is_dir() or (zipfile.is_zipfile(path) and _is_extracted(zip_cache_dir(path))):
+        base = path if path.is_dir() else zip_cache_dir(path)
+        train_dir, _ = _folder_splits(cfg, base, path)
+        classes = _class_dirs(train_dir)
+        for c in classes:
+            for dirpath, _, filenames in sorted(os.walk(train_dir / c)):
+                imgs = sorted(f for f in filenames if f.lower().endswith(IMG_EXTENSIONS) and not _skip(f))
+                if imgs:
+                    return classes, _native_side(os.path.join(dirpath, imgs[0]))
+        raise _layout_error(cfg, path, f"no images under {train_dir}")
+    if not zipfile.is_zipfile(path):
+        raise _layout_error(cfg, path, "is a file but not a .zip archive")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        dirs = set()
+        for n in names:
+            parts = n.rstrip("/").split("/")
+            for i in range(1, len(parts) + (1 if n.endswith("/") else 0)):
+                dirs.add("/".join(parts[:i]))
+        tops = sorted({d for d in dirs if "/" not in d and not _skip(d)})
+        found = _locate_splits(lambda rel: rel in dirs, tops)
+        if found is None:
+            raise _layout_error(cfg, path, "no train/ and val/ (or test/) folders found in the zip")
+        prefix = found[0] + "/"
+        classes = sorted({d[len(prefix):] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix):]})
+        classes = [c for c in classes if not _skip(c)]
+        imgs = sorted(n for n in names if n.startswith(prefix) and n.lower().endswith(IMG_EXTENSIONS))
+        if not classes or not imgs:
+            raise _layout_error(cfg, path, f"no class folders with images under {found[0]}/ in the zip")
+        from PIL import Image
+
+        with zf.open(imgs[0]) as f, Image.open(f) as img:
+            return classes, max(img.size)
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic
+
+SYNTHETIC_SEED = 20240917  # fixed: the synthetic data never depends on the run seed
+PATTERN = 4  # class patterns are PATTERN x PATTERN per channel, upsampled to the image size
+
+
+class SyntheticDataset(Dataset):
+    """Image ``i`` of split ``split`` = its class's smooth pattern + unit Gaussian noise.
+
+    Label and noise come from ``default_rng([SYNTHETIC_SEED, split, i])``: deterministic per index,
+    nothing stored per image, so any length costs no memory.
+    """
+
+    def __init__(self, n: int, classes: int, size: int, split: int):
+        self.n, self.num_classes, self.size, self.split = n, classes, size, split
+        rng = np.random.default_rng([SYNTHETIC_SEED, classes])
+        self.patterns = torch.from_numpy(rng.standard_normal((classes, 3, PATTERN, PATTERN)).astype(np.float32))
+
+    def __len__(self):
+        return self.n
+
+    def label(self, i: int) -> int:
+        return int(np.random.default_rng([SYNTHETIC_SEED, self.split, i]).integers(self.num_classes))
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            if -self.n <= i < 0:
+                i += self.n
+            else:
+                raise IndexError(i)
+        rng = np.random.default_rng([SYNTHETIC_SEED, self.split, i])
+        y = int(rng.integers(self.num_classes))
+        noise = torch.from_numpy(rng.standard_normal((3, self.size, self.size), dtype=np.float32))
+        pattern = F.interpolate(self.patterns[y:y + 1], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+        return pattern + noise, y
+
+
+def _build_synthetic(cfg: DataConfig, seed: int) -> DataBundle:
+    size = cfg.image_size or 32
+    k = cfg.synthetic_classes
+    train = SyntheticDataset(cfg.synthetic_train, k, size, split=0)
+    test = SyntheticDataset(cfg.synthetic_test, k, size, split=1)
+    info = DatasetInfo("synthetic", k, size)
+    # No augmentation: train and held-out share one (stateless) dataset.
+    return _assemble("synthetic", train, train, test, seed, cfg.heldout, info, [f"class_{i}" for i in range(k)])

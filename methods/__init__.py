@@ -1,0 +1,4 @@
+"""Methods and backbones. Importing this package fills dynlab's registries."""
+
+from methods import backbones  # noqa: F401  (registers backbones and presets)
+from methods import boostnet, joint  # noqa: F401  (registers methods)

@@ -1,0 +1,3 @@
+"""Shared early-exit backbones; importing this package registers them (and their presets)."""
+
+from methods.backbones import msdnet  # noqa: F401

@@ -1,0 +1,67 @@
+"""Pieces shared by the early-exit methods: building an exit backbone, the summed exit loss and
+turning a list of exit logits into ExitPredictions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynlab.errors import ConfigError
+from dynlab.predictions import ExitPredictions
+from dynlab.registry import DatasetInfo, get_backbone
+
+
+def build_exit_backbone(cfg, info: DatasetInfo, gradient_rescale: bool) -> nn.Module:
+    entry = get_backbone(cfg.backbone)
+    return entry.build(cfg.backbone_cfg, info, gradient_rescale=gradient_rescale)
+
+
+def exit_weights(weights: list[float], num_exits: int, section: str) -> torch.Tensor:
+    if not weights:
+        return torch.ones(num_exits)
+    if len(weights) != num_exits:
+        raise ConfigError(f"{section}.exit_weights", weights, f"empty (all 1) or {num_exits} numbers, one per exit")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def exit_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sum_n w_n * CE(outputs[n], y), plus per-exit loss and correct counts for logging."""
+    losses = torch.stack([F.cross_entropy(o.float(), targets) for o in outputs])
+    loss = (weights.to(losses.device) * losses).sum()
+    metrics = {"loss": loss.detach()}
+    for n, (o, l) in enumerate(zip(outputs, losses)):
+        metrics[f"loss_exit{n}"] = l.detach()
+        metrics[f"acc_exit{n}"] = (o.argmax(1) == targets).float().mean().detach() * 100
+    return loss, metrics
+
+
+def exit_predictions(outputs: list[torch.Tensor], model: nn.Module) -> ExitPredictions:
+    costs = torch.tensor(model.cost_table.macs, dtype=torch.float64)
+    return ExitPredictions(torch.stack([o.float() for o in outputs]), costs)
+
+
+class ExitMethod:
+    """train_step / predict shared by methods whose model returns a list of exit logits.
+    A method adds ``build_model``; the method config must have ``exit_weights``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mcfg = cfg.method_cfg
+        self._weights: torch.Tensor | None = None
+
+    def _set_exits(self, num_exits: int) -> None:
+        self._weights = exit_weights(self.mcfg.exit_weights, num_exits, self.cfg.method)
+
+    def train_step(self, model, batch, backward):
+        images, targets = batch
+        outputs = model(images)
+        if self._weights is None:  # a method object that did not build this model
+            self._set_exits(len(outputs))
+        loss, metrics = exit_loss(outputs, targets, self._weights)
+        backward(loss)
+        return metrics
+
+    @torch.no_grad()
+    def predict(self, model, images):
+        return exit_predictions(model(images), model)

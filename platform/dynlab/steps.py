@@ -1,0 +1,109 @@
+"""The steps a pipeline chains: train -> predict -> evaluate -> log.
+
+Each step is a plain function of plain inputs, so a pipeline can run it in the driver, as a Ray
+task, or (later) cache it under a hash of its inputs. Nothing is logged until a step has produced
+its whole result: a failed step leaves no half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dynlab import data as data_mod
+from dynlab import evaluation, plots, training
+from dynlab.predictions import ExitPredictions
+from dynlab.tracking import RunHandle, cost_step
+
+
+@dataclass
+class PredictionTables:
+    heldout: pd.DataFrame
+    test: pd.DataFrame
+    heldout_indices: list[int]
+
+
+@dataclass
+class Evaluation:
+    anytime: pd.DataFrame
+    budgeted: pd.DataFrame | None  # None for prediction types without exits
+
+
+def predict(cfg, checkpoint_dir: str, plugins: list[str] | None = None) -> PredictionTables:
+    """Load the selected (best held-out) weights and predict the held-out and test splits."""
+    training.import_plugins(plugins or ["methods"])
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    bundle = data_mod.build_datasets(cfg.data, cfg.run.seed)
+    method, model = training.load_trained(cfg, checkpoint_dir, bundle.info)
+    device = torch.device("cuda") if cfg.run.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    frames = {}
+    for split, ds in (("heldout", bundle.heldout), ("test", bundle.test)):
+        preds, labels = training.predict_dataset(method, model, ds, cfg.data.eval_batch_size, device, cfg.run.predict_batches)
+        frames[split] = evaluation.predictions_frame(preds, labels, split)
+    return PredictionTables(frames["heldout"], frames["test"], [int(i) for i in bundle.heldout_indices])
+
+
+def default_budgets(costs: torch.Tensor, n: int) -> list[float]:
+    """``n`` budgets evenly spaced strictly inside [first exit cost, last exit cost]."""
+    lo, hi = float(costs[0]), float(costs[-1])
+    return [lo + (hi - lo) * (i + 1) / (n + 1) for i in range(n)]
+
+
+def evaluate(cfg, tables: PredictionTables) -> Evaluation:
+    """Anytime table on test; budgeted batch (thresholds from held-out, applied to test)."""
+    test, test_labels = evaluation.frame_to_predictions(tables.test, "test")
+    any_df = evaluation.anytime(test, test_labels)
+    if not isinstance(test, ExitPredictions):
+        return Evaluation(any_df, None)
+    if tables.heldout.empty:
+        return Evaluation(any_df, None)  # no held-out split: nothing to calibrate on
+    heldout, heldout_labels = evaluation.frame_to_predictions(tables.heldout, "heldout")
+    budgets = [b * 1e6 for b in cfg.eval.budgets] or default_budgets(test.costs, cfg.eval.num_budgets)
+    budget_df = evaluation.budgeted(heldout, heldout_labels, test, test_labels, budgets=budgets or None, p_grid=cfg.eval.p_grid, flat_curve=cfg.eval.flat_curve)
+    return Evaluation(any_df, budget_df)
+
+
+def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:
+    """Everything a run leaves: tables, curves as metrics on a cost axis, the figure, the checkpoint.
+    Written to a temporary folder first and logged only when complete."""
+    summary: dict[str, float] = {}
+    for _, row in ev.anytime.iterrows():
+        if "index" in row and pd.notna(row.get("cost")):
+            handle.log_metrics({"anytime/test_accuracy": row["accuracy"]}, step=cost_step(row["cost"]))
+            summary[f"test/acc_out{int(row['index'])}"] = float(row["accuracy"])
+            summary[f"test/mmacs_out{int(row['index'])}"] = float(row["cost"]) / 1e6
+    if ev.budgeted is not None:
+        for mode, part in ev.budgeted.groupby("mode"):
+            for _, row in part.sort_values("test_cost").iterrows():
+                handle.log_metrics({f"budgeted_{mode}/test_accuracy": row["test_accuracy"]}, step=cost_step(row["test_cost"]))
+    handle.log_metrics(summary)
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        tables.heldout.to_parquet(out / "heldout.parquet", index=False)
+        tables.test.to_parquet(out / "test.parquet", index=False)
+        (out / "heldout_indices.json").write_text(json.dumps(tables.heldout_indices))
+        ev.anytime.to_parquet(out / "anytime.parquet", index=False)
+        ev.anytime.to_csv(out / "anytime.csv", index=False)
+        if ev.budgeted is not None:
+            ev.budgeted.to_parquet(out / "budgeted.parquet", index=False)
+            ev.budgeted.drop(columns=[c for c in ("thresholds", "exit_fraction") if c in ev.budgeted]).to_csv(out / "budgeted.csv", index=False)
+        fig = plots.plot_evaluation(ev.anytime, ev.budgeted, out / "curves.png", title=f"{cfg.method} on {cfg.backbone} / {cfg.data.name}")
+        for name in ("heldout.parquet", "test.parquet"):
+            handle.log_artifact(out / name, "predictions")
+        handle.log_artifact(out / "heldout_indices.json", "data")
+        for name in ("anytime.parquet", "anytime.csv", "budgeted.parquet", "budgeted.csv"):
+            if (out / name).exists():
+                handle.log_artifact(out / name, "evaluation")
+        handle.log_artifact(fig, "evaluation")
+        if checkpoint_dir:
+            for name in (training.BEST_FILE, "config.yaml"):
+                if (Path(checkpoint_dir) / name).exists():
+                    handle.log_artifact(Path(checkpoint_dir) / name, "checkpoint")
+    return Path(handle.artifact_uri().removeprefix("file://")) / "evaluation" / Path(fig).name

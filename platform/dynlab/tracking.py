@@ -1,0 +1,183 @@
+"""MLflow tracking: where runs go, opening/closing runs, and logging from any Ray worker.
+
+The driver opens the run and passes ``(tracking_uri, run_id)`` to rank 0 of the trainer, which logs
+through an explicit ``MlflowClient`` (no global MLflow state crosses process boundaries). Without
+``MLFLOW_TRACKING_URI`` the store is ``sqlite:///<cwd>/mlflow.db``: the one ``mlflow ui`` opens when
+started from the same folder. It is made absolute before any Ray worker starts, since workers
+``chdir`` into the Ray session folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import yaml
+
+TRAIN_NAME_TAG = "dynlab.train_name"
+CONFIG_HASH_TAG = "dynlab.config_hash"
+
+
+def tracking_uri() -> str:
+    """The tracking URI to use, absolute. Sets ``MLFLOW_TRACKING_URI`` so child processes agree."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        uri = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///'):]).resolve()}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        return f"cd {folder} && mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+    return f"open {uri} in a browser"
+
+
+def client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri or tracking_uri())
+
+
+def experiment_id(name: str, uri: str | None = None) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = uri or tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the cwd of whoever asks
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / name).as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@dataclass
+class RunHandle:
+    """What a worker needs to log into a run."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+
+    def as_payload(self) -> dict[str, str]:
+        """What a Ray worker needs to rebuild this handle: ``RunHandle(**payload)``."""
+        return {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id}
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        c = client(self.uri)
+        for i in range(0, len(items), 500):
+            c.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        c = client(self.uri)
+        for i in range(0, len(items), 100):
+            c.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        c = client(self.uri)
+        for k, v in tags.items():
+            c.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        client(self.uri).log_text(self.run_id, text, name)
+
+    def log_frame(self, df: pd.DataFrame, name: str, artifact_path: str | None = None, csv: bool = False) -> None:
+        """A DataFrame as Parquet (and optionally CSV) artifact."""
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / f"{name}.parquet"
+            df.to_parquet(p, index=False)
+            self.log_artifact(p, artifact_path)
+            if csv:
+                c = Path(d) / f"{name}.csv"
+                df.drop(columns=[k for k in df.columns if df[k].map(lambda v: isinstance(v, (list, tuple))).any()]).to_csv(c, index=False)
+                self.log_artifact(c, artifact_path)
+
+    def artifact_uri(self) -> str:
+        return client(self.uri).get_run(self.run_id).info.artifact_uri
+
+    def status(self) -> str:
+        return client(self.uri).get_run(self.run_id).info.status
+
+    def end(self, status: str = "FINISHED") -> None:
+        client(self.uri).set_terminated(self.run_id, status)
+
+
+def open_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None, resume_key: str | None = None) -> RunHandle:
+    """Create a run, or reopen the unfinished run with the same ``resume_key`` (a resumed training)."""
+    uri = tracking_uri()
+    exp_id = experiment_id(experiment, uri)
+    c = client(uri)
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    if resume_key:
+        tags[TRAIN_NAME_TAG] = resume_key
+        found = c.search_runs([exp_id], filter_string=f"tags.`{TRAIN_NAME_TAG}` = '{resume_key}'", max_results=1, order_by=["attributes.start_time DESC"])
+        if found and found[0].info.status != "FINISHED":
+            run_id = found[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+            c.set_tag(run_id, "dynlab.resumed", "true")
+            return RunHandle(uri, run_id, exp_id)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, tags=tags, run_name=run_name)
+    return RunHandle(uri, run.info.run_id, exp_id)
+
+
+@contextlib.contextmanager
+def run_guard(handle: RunHandle) -> Iterator[RunHandle]:
+    """Close the run FINISHED on success; on any error mark it FAILED with the error logged, re-raise."""
+    try:
+        yield handle
+    except BaseException as err:  # KeyboardInterrupt too: never leave a run RUNNING
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            handle.set_tags({"dynlab.error": f"{type(err).__name__}: {err}"[:5000]})
+            handle.log_text("".join(traceback.format_exception(err)), "error.txt")
+        with contextlib.suppress(Exception):
+            handle.end(status)
+        raise
+    else:
+        handle.end("FINISHED")
+
+
+def log_config(handle: RunHandle, cfg) -> None:
+    """Resolved config as params (dotted keys) and as a YAML artifact."""
+    existing = client(handle.uri).get_run(handle.run_id).data.params
+    flat = {k: str(v)[:6000] for k, v in cfg.flat().items()}
+    handle.log_params({k: v for k, v in flat.items() if k not in existing})  # a resumed run keeps its params
+    changed = {f"dynlab.changed_on_resume.{k}": v for k, v in flat.items() if k in existing and existing[k] != v}
+    if changed:
+        handle.set_tags(changed)
+    handle.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    handle.set_tags({CONFIG_HASH_TAG: cfg.hash(), "dynlab.method": cfg.method, "dynlab.backbone": cfg.backbone, "dynlab.dataset": cfg.data.name})
+
+
+def cost_step(macs: float) -> int:
+    """MLflow step for a point on a cost axis: thousands of multiply-adds (kMACs), so that the
+    UI's step axis overlays runs on a common cost scale."""
+    return int(round(float(macs) / 1e3))

@@ -1,0 +1,325 @@
+"""One Ray Train (V2) loop for every method.
+
+The driver calls :func:`fit`; each worker runs :func:`train_loop_per_worker`, which owns what a
+method must not: devices, DDP, the distributed sampler, optimiser and schedule, AMP, clipping,
+checkpoints, progress and logging (rank 0 only). The method supplies ``build_model``,
+``train_step(model, batch, backward)`` and ``predict``.
+
+Checkpoints (one per epoch, rank 0) hold ``state.pt`` (model, optimiser, schedule, scaler, epoch,
+best score) and ``best.pt`` (weights of the epoch with the best held-out score). A run restarted
+under the same ``run.name`` resumes from the latest one. Model selection uses the held-out split
+only, never the test set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from dynlab import config as config_mod
+from dynlab.predictions import ExitPredictions, GatedPredictions, Predictions, SubnetPredictions, concat
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+
+
+# ---------------------------------------------------------------- pieces usable outside Ray
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the packages that fill the registries (``methods``) in a fresh worker process."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+
+
+def lr_factor(epoch: int, cfg) -> float:
+    """Learning-rate multiplier for a 0-based epoch: optional linear warm-up, then the schedule.
+    Milestones are fractions of the epochs (0.5, 0.75 = the papers' 150/225 of 300)."""
+    o, epochs = cfg.optim, cfg.run.epochs
+    if epoch < o.warmup_epochs:
+        return (epoch + 1) / (o.warmup_epochs + 1)
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "cosine":
+        span = max(1, epochs - o.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+    return o.gamma ** sum(epoch >= round(m * epochs) for m in o.milestones)
+
+
+def output_accuracy(preds: Predictions, labels: torch.Tensor) -> torch.Tensor:
+    """Correct counts per output (exit / sub-network), or one count for gated predictions."""
+    if isinstance(preds, (ExitPredictions, SubnetPredictions)):
+        return (preds.logits.argmax(-1) == labels.unsqueeze(0)).sum(1).double()
+    if isinstance(preds, GatedPredictions):
+        return (preds.logits.argmax(-1) == labels).sum().double().reshape(1)
+    raise TypeError(f"unknown prediction type {type(preds).__name__}")
+
+
+@torch.no_grad()
+def predict_dataset(method, model, dataset, batch_size: int, device, max_batches: int = 0, amp_dtype=None) -> tuple[Predictions, torch.Tensor]:
+    """Run ``method.predict`` over a dataset (no augmentation: pass the eval-transform dataset)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    parts, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            p = method.predict(model, x.to(device, non_blocking=True))
+        parts.append(_to_cpu(p))
+        labels.append(y)
+    if not parts:
+        raise ValueError("cannot predict on an empty dataset")
+    return concat(parts), torch.cat(labels)
+
+
+def _to_cpu(p: Predictions) -> Predictions:
+    kw = {k: (v.detach().float().cpu() if k == "logits" else v.detach().cpu()) if torch.is_tensor(v) else v for k, v in vars(p).items()}
+    return type(p)(**kw)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def load_trained(cfg, checkpoint_dir: str | Path, info, which: str = BEST_FILE):
+    """Build the method and its model, and load weights saved by the loop (weights_only)."""
+    from dynlab.registry import get_method
+
+    method = get_method(cfg.method).cls(cfg)
+    model = method.build_model(info)
+    state = torch.load(Path(checkpoint_dir) / which, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    return method, model
+
+
+# ---------------------------------------------------------------- the worker loop
+
+
+def _amp_dtype(cfg):
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.amp]
+
+
+def _progress(msg: str) -> None:
+    print(f"[dynlab] {msg}", flush=True)
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from dynlab import data as data_mod
+    from dynlab.registry import get_method
+    from dynlab.tracking import RunHandle
+
+    import_plugins(payload.get("plugins", []))
+    cfg = config_mod.from_dict(payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.run.seed + rank)
+    device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
+    tracker = RunHandle(**payload["tracking"]) if rank == 0 and payload.get("tracking") else None
+
+    bundle = data_mod.build_datasets(cfg.data, cfg.run.seed)
+    method = get_method(cfg.method).cls(cfg)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = method.build_model(bundle.info).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
+    amp_dtype = _amp_dtype(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch, best_score, best_epoch = 0, -1.0, -1
+    best_state = None
+    local_root = Path(payload["local_checkpoint_root"]) if payload.get("local_checkpoint_root") else None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and local_root is not None and sorted(local_root.glob("epoch_*")):
+        ckpt = ray.train.Checkpoint.from_directory(str(sorted(local_root.glob("epoch_*"))[-1]))
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+        if rank == 0:
+            _progress(f"resumed from checkpoint after epoch {start_epoch} of {cfg.run.epochs}")
+            if tracker:
+                tracker.set_tags({"dynlab.resumed_at_epoch": start_epoch})
+
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
+    sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=False)
+    loader = DataLoader(bundle.train, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.loader_workers, drop_last=len(bundle.train) > cfg.data.batch_size * world)
+    heldout_shard = Subset(bundle.heldout, list(range(rank, len(bundle.heldout), world)))
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+
+    for epoch in range(start_epoch, cfg.run.epochs):
+        t0 = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        for images, targets in loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                metrics = method.train_step(model, (images, targets), backward)
+            if cfg.run.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.run.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            n = targets.shape[0]
+            seen += n
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + torch.as_tensor(v, dtype=torch.float64).detach().cpu() * n
+        scheduler.step()
+        train_metrics = {f"train/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
+        if world > 1:  # average over ranks
+            keys = sorted(train_metrics)
+            t = torch.tensor([train_metrics[k] for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            train_metrics = {k: float(v) / world for k, v in zip(keys, t)}
+
+        # held-out score: every rank predicts its shard; counts are summed
+        heldout_metrics: dict[str, float] = {}
+        score = float(epoch)  # without a held-out split, "best" means "latest"
+        if len(bundle.heldout):
+            correct, count = _heldout_counts(method, unwrap(model), heldout_shard, cfg, device, amp_dtype)
+            if world > 1:
+                dist.all_reduce(correct)
+                dist.all_reduce(count)
+            acc = (correct / count.clamp(min=1) * 100).tolist()
+            heldout_metrics = {f"heldout/acc_out{i}": a for i, a in enumerate(acc)}
+            heldout_metrics["heldout/acc_mean"] = float(np.mean(acc))
+            score = heldout_metrics["heldout/acc_mean"] if cfg.run.select == "best" else float(epoch)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+        metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": time.time() - t0, **train_metrics, **heldout_metrics, "best_score": best_score, "best_epoch": best_epoch}
+        if rank == 0:
+            _progress(
+                f"epoch {epoch + 1}/{cfg.run.epochs}  loss {train_metrics.get('train/loss', float('nan')):.4f}  "
+                + (f"held-out acc (mean over outputs) {heldout_metrics['heldout/acc_mean']:.2f}%  " if heldout_metrics else "")
+                + f"{metrics['epoch_seconds']:.1f}s"
+            )
+            if tracker:
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}
+            if local_root:  # in-process mode: Ray does not persist checkpoints, so we do
+                final = local_root / f"epoch_{epoch:04d}"
+                partial = local_root / f".partial_epoch_{epoch:04d}"
+                partial.mkdir(parents=True, exist_ok=True)
+                _write_checkpoint(partial, state, best_state, cfg)
+                shutil.rmtree(final, ignore_errors=True)
+                partial.rename(final)  # atomic: a half-written checkpoint is never found as complete
+                for old in sorted(local_root.glob("epoch_*"))[:-2]:
+                    shutil.rmtree(old, ignore_errors=True)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+            else:
+                with tempfile.TemporaryDirectory() as d:
+                    _write_checkpoint(Path(d), state, best_state, cfg)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(metrics)
+        if cfg.run.kill_after_epoch == epoch:  # fault injection for tests: die like a preempted node
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_checkpoint(d: Path, state: dict, best_state: dict, cfg) -> None:
+    torch.save(state, d / STATE_FILE)
+    torch.save(best_state, d / BEST_FILE)
+    (d / "config.yaml").write_text(cfg.to_yaml())
+
+
+def _heldout_counts(method, model, shard, cfg, device, amp_dtype):
+    """Correct counts per output and sample counts on this rank's held-out shard."""
+    if len(shard) == 0:  # more ranks than held-out samples: contribute zeros of the right size
+        probe = method.predict(model, shard.dataset[0][0].unsqueeze(0).to(device))
+        zeros = torch.zeros(probe.logits.shape[0] if probe.logits.dim() == 3 else 1, dtype=torch.float64, device=device)
+        return zeros, zeros.clone()
+    preds, labels = predict_dataset(method, model, shard, cfg.data.eval_batch_size, device, amp_dtype=amp_dtype)
+    correct = output_accuracy(preds, labels).to(device)
+    return correct, torch.full_like(correct, float(labels.numel()))
+
+
+# ---------------------------------------------------------------- the driver side
+
+
+@dataclass
+class FitResult:
+    checkpoint_dir: str  # latest checkpoint (holds best.pt and state.pt)
+    metrics: dict[str, Any]
+    name: str
+
+
+def default_storage() -> str:
+    return str((Path.cwd() / "dynlab_runs").resolve())
+
+
+def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None = None) -> FitResult:
+    """Train ``cfg`` with a TorchTrainer named ``name``; the same name resumes from its checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage = cfg.run.storage_path or default_storage()
+    storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "tracking": tracking,
+            "plugins": plugins or ["methods"],
+            "local_checkpoint_root": str(Path(storage) / name / "local") if cfg.run.num_workers == 0 and "://" not in storage else None,
+        },
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run '{name}' finished without a checkpoint")
+    return FitResult(result.checkpoint.path, dict(result.metrics or {}), name)

@@ -1,0 +1,308 @@
+"""dynlab.data: datasets, held-out split, transforms, zip extraction, errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dynlab.config import DataConfig
+from dynlab.errors import ConfigError, DataError
+from dynlab import data as D
+
+SHARED_CIFAR_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10-jpg.zip"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return D.build_datasets(DataConfig(name="digits"), seed=0)
+
+
+# ---------------------------------------------------------------- digits
+
+
+def test_digits_shapes_sizes_labels(digits):
+    b = digits
+    assert len(b.train) + len(b.heldout) == 1297 and len(b.test) == 500
+    assert len(b.heldout) == 300 and len(b.train) == 997
+    assert b.info.name == "digits" and b.info.num_classes == 10 and b.info.image_size == 32
+    x, y = b.test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey replicated to RGB
+    labels = {b.test[i][1] for i in range(len(b.test))}
+    assert labels == set(range(10))
+    # normalised with the training statistics: roughly zero mean, unit std over the training images
+    xs = torch.stack([b.heldout[i][0] for i in range(len(b.heldout))])
+    assert abs(float(xs.mean())) < 0.2 and 0.8 < float(xs.std()) < 1.2
+
+
+def test_digits_test_set_is_fixed_across_run_seeds(digits):
+    other = D.build_datasets(DataConfig(name="digits"), seed=7)
+    for i in (0, 123, 499):
+        a, b = digits.test[i], other.test[i]
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_heldout_split_deterministic_per_seed_and_disjoint(digits):
+    same = D.build_datasets(DataConfig(name="digits"), seed=0)
+    other = D.build_datasets(DataConfig(name="digits"), seed=1)
+    assert np.array_equal(digits.heldout_indices, same.heldout_indices)
+    assert np.array_equal(digits.train_indices, same.train_indices)
+    assert not np.array_equal(digits.heldout_indices, other.heldout_indices)
+    for b in (digits, other):
+        h, t = b.heldout_indices, b.train_indices
+        assert h.dtype == np.int64 and t.dtype == np.int64
+        assert len(np.intersect1d(h, t)) == 0
+        assert np.array_equal(np.sort(np.concatenate([h, t])), np.arange(1297))
+    # the held-out items are the training-set items at those indices
+    full_eval = digits.heldout.dataset
+    k = int(digits.heldout_indices[5])
+    assert torch.equal(digits.heldout[5][0], full_eval[k][0])
+
+
+def test_heldout_not_augmented_train_augmented(digits):
+    a, b = digits.heldout[3][0], digits.heldout[3][0]
+    assert torch.equal(a, b)
+    torch.manual_seed(0)
+    draws = [digits.train[3][0] for _ in range(12)]
+    assert all(d.shape == (3, 32, 32) for d in draws)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    # an augmented draw is a shifted copy: its label is unchanged
+    assert digits.train[3][1] == digits.train.dataset[int(digits.train_indices[3])][1]
+
+
+def test_augment_false_serves_eval_transform():
+    b = D.build_datasets(DataConfig(name="digits", augment=False), seed=0)
+    assert torch.equal(b.train[0][0], b.train[0][0])
+
+
+def test_heldout_sizes_and_errors():
+    b = D.build_datasets(DataConfig(name="digits", heldout=0), seed=0)
+    assert len(b.heldout) == 0 and len(b.train) == 1297 and b.heldout_indices.dtype == np.int64
+    b = D.build_datasets(DataConfig(name="digits", heldout=100), seed=0)
+    assert len(b.heldout) == 100 and len(b.train) == 1197
+    with pytest.raises(ConfigError, match="data.heldout") as e:
+        D.build_datasets(DataConfig(name="digits", heldout=1297), seed=0)
+    assert "1296" in str(e.value)
+    with pytest.raises(ConfigError, match="data.heldout"):
+        D.build_datasets(DataConfig(name="synthetic", synthetic_train=10, heldout=50), seed=0)
+
+
+def test_default_heldout_sizes():
+    assert D.default_heldout("cifar10", 50_000) == 5000
+    assert D.default_heldout("cifar100", 50_000) == 5000
+    assert D.default_heldout("digits", 1297) == 300
+    assert D.default_heldout("imagefolder", 1_281_167) == 50_000
+    assert D.default_heldout("imagefolder", 50_000) == 5000
+    assert D.default_heldout("synthetic", 512) == 51
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def test_synthetic_deterministic_per_index_and_sized():
+    cfg = DataConfig(name="synthetic", synthetic_train=100, synthetic_test=40, synthetic_classes=5, image_size=48)
+    a, b = D.build_datasets(cfg, 0), D.build_datasets(cfg, 3)
+    assert len(a.train) + len(a.heldout) == 100 and len(a.heldout) == 10 and len(a.test) == 40
+    assert a.info.num_classes == 5 and a.info.image_size == 48
+    x, y = a.test[7]
+    assert x.shape == (3, 48, 48) and 0 <= y < 5
+    assert torch.equal(x, a.test[7][0]) and torch.equal(x, b.test[7][0]) and y == b.test[7][1]
+    assert not torch.equal(a.test[7][0], a.test[8][0])
+    assert D.dataset_info(cfg) == a.info
+
+
+def test_synthetic_huge_is_lazy_and_learnable():
+    ds = D.SyntheticDataset(10**9, 4, 16, split=0)
+    x, y = ds[10**9 - 1]
+    assert x.shape == (3, 16, 16) and y == ds.label(10**9 - 1)
+    # class-dependent means: per-class average images differ clearly
+    small = D.SyntheticDataset(400, 4, 16, split=0)
+    items = [small[i] for i in range(400)]
+    means = [torch.stack([x for x, y in items if y == c]).mean(0) for c in range(4)]
+    assert min((means[i] - means[j]).abs().mean() for i in range(4) for j in range(i + 1, 4)) > 0.3
+
+
+# ---------------------------------------------------------------- imagefolder
+
+
+def _tree(root: Path, per_class: int = 3, size: int = 32, test_name: str = "test") -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", test_name):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def _zip(tree: Path, zip_path: Path, top: str = "") -> Path:
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for p in sorted(tree.rglob("*")):
+            zf.write(p, (top + "/" if top else "") + p.relative_to(tree).as_posix())
+    return zip_path
+
+
+def _check_tiny(b, n_train=6, n_test=6, heldout=2, size=32):
+    assert len(b.train) + len(b.heldout) == n_train and len(b.heldout) == heldout and len(b.test) == n_test
+    assert b.info.num_classes == 2 and b.info.image_size == size and b.classes == ["a", "b"]
+    x, y = b.test[0]
+    assert x.shape == (3, size, size) and x.dtype == torch.float32 and y in (0, 1)
+    assert sorted(b.test.targets) == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(b.heldout[0][0], b.heldout[0][0])
+    assert b.train[0][0].shape == (3, size, size)
+
+
+def test_imagefolder_folder(tmp_path):
+    root = _tree(tmp_path / "tree")
+    cfg = DataConfig(name="imagefolder", root=str(root), heldout=2)
+    b = D.build_datasets(cfg, seed=0)
+    _check_tiny(b)
+    assert D.dataset_info(cfg) == b.info
+    assert all(os.path.isabs(p) for p, _ in b.test.samples)
+    # size override and the default held-out size (10% of 6 -> 1)
+    b = D.build_datasets(DataConfig(name="imagefolder", root=str(root), image_size=24), seed=0)
+    assert b.info.image_size == 24 and b.test[0][0].shape == (3, 24, 24) and len(b.heldout) == 1
+
+
+def test_imagefolder_relative_path_made_absolute(tmp_path, monkeypatch):
+    _tree(tmp_path / "tree")
+    monkeypatch.chdir(tmp_path)
+    b = D.build_datasets(DataConfig(name="imagefolder", root="tree", heldout=2), seed=0)
+    monkeypatch.chdir("/")  # Ray workers chdir: paths must still resolve
+    _check_tiny(b)
+
+
+def test_imagefolder_large_images_imagenet_style(tmp_path):
+    root = _tree(tmp_path / "big", per_class=1, size=80, test_name="val")
+    b = D.build_datasets(DataConfig(name="imagefolder", root=str(root), heldout=0), seed=0)
+    assert b.info.image_size == 224 and b.test[0][0].shape == (3, 224, 224)
+    assert b.train[0][0].shape == (3, 224, 224)
+
+
+def test_imagefolder_zip_extracted_once(tmp_path, monkeypatch):
+    zp = _zip(_tree(tmp_path / "tree"), tmp_path / "tiny.zip", top="tiny")
+    cfg = DataConfig(name="imagefolder", root=str(zp), heldout=2)
+    info = D.dataset_info(cfg)  # read from the zip index, nothing extracted yet
+    assert info.num_classes == 2 and info.image_size == 32
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+    b = D.build_datasets(cfg, seed=0)
+    _check_tiny(b)
+    target = D.zip_cache_dir(zp)
+    assert target.parent == tmp_path / "cache" and target.name.startswith("tiny-")
+    assert b.test.samples[0][0].startswith(str(target))
+
+    def no_extract(*a, **k):
+        raise AssertionError("extracted twice")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", no_extract)
+    b2 = D.build_datasets(cfg, seed=0)
+    _check_tiny(b2)
+    assert np.array_equal(b.heldout_indices, b2.heldout_indices)
+    assert D.dataset_info(cfg) == b.info
+    assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [target.name]  # no temp dirs left
+
+
+def test_partial_extraction_not_mistaken_for_complete(tmp_path):
+    zp = _zip(_tree(tmp_path / "tree"), tmp_path / "tiny.zip")
+    target = D.zip_cache_dir(zp)
+    (target / "train" / "a").mkdir(parents=True)  # left by a killed extraction: no completion marker
+    (target.parent / f".{target.name}.tmp-dead").mkdir()  # another interrupted one
+    b = D.build_datasets(DataConfig(name="imagefolder", root=str(zp), heldout=2), seed=0)
+    _check_tiny(b)
+    assert (target / D.COMPLETE_MARKER).is_file()
+
+
+def test_imagefolder_missing_path_and_layout(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError) as e:
+        D.build_datasets(DataConfig(name="imagefolder", root=str(missing)), seed=0)
+    assert "data.root" in str(e.value) and str(missing) in str(e.value) and "train/<class>" in str(e.value)
+
+    (tmp_path / "flat" / "train" / "a").mkdir(parents=True)  # no val/ or test/
+    with pytest.raises(DataError, match="data.root") as e:
+        D.build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "flat")), seed=0)
+    assert "val/" in str(e.value)
+
+    bad_zip = _zip(tmp_path / "flat", tmp_path / "flat.zip")
+    with pytest.raises(DataError, match="data.root"):
+        D.build_datasets(DataConfig(name="imagefolder", root=str(bad_zip)), seed=0)
+    with pytest.raises(DataError, match="data.root"):
+        D.dataset_info(DataConfig(name="imagefolder", root=str(bad_zip)))
+
+
+# ---------------------------------------------------------------- cifar
+
+
+def test_cifar_missing_root_errors_without_download(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def no_download(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(tvu, "download_url", no_download)
+    monkeypatch.setattr(tvu, "download_and_extract_archive", no_download)
+    for name in ("cifar10", "cifar100"):
+        root = tmp_path / "empty"
+        with pytest.raises(DataError) as e:
+            D.build_datasets(DataConfig(name=name, root=str(root)), seed=0)
+        msg = str(e.value)
+        assert "data.root" in msg and str(root) in msg and "data.download=true" in msg
+
+
+def test_cifar_info_static():
+    assert D.dataset_info(DataConfig(name="cifar100")).num_coarse_classes == 20
+    assert D.dataset_info(DataConfig(name="cifar10")).num_classes == 10
+    assert D.dataset_info(DataConfig(name="cifar10", image_size=64)).image_size == 64
+
+
+def test_cifar100_coarse_labels_reader(tmp_path):
+    with open(tmp_path / "train", "wb") as f:
+        pickle.dump({"fine_labels": [5, 6, 7], "coarse_labels": [1, 19, 0]}, f)
+    assert D.read_coarse_labels(tmp_path, "train") == [1, 19, 0]
+
+
+def test_static_info_kept():
+    assert D.static_info("cifar100").num_classes == 100
+    with pytest.raises(ConfigError):
+        D.static_info("nope")
+
+
+# ---------------------------------------------------------------- the shared CIFAR-10 JPEG copy
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR_ZIP.is_file(), reason="shared cifar10-jpg.zip not present")
+def test_shared_cifar10_jpg_zip(tmp_path):
+    import shutil
+
+    cfg = DataConfig(name="imagefolder", root=str(SHARED_CIFAR_ZIP))
+    assert D.dataset_info(cfg).image_size == 32  # from the zip index
+    try:
+        b = D.build_datasets(cfg, seed=0)  # extracts 60k files (~240 MB) into the tmp cache: a few seconds
+        _check_cifar_bundle(b)
+    finally:
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # don't leave 240 MB per run in /tmp
+
+
+def _check_cifar_bundle(b):
+    assert len(b.train) == 45_000 and len(b.heldout) == 5_000 and len(b.test) == 10_000
+    assert b.info.num_classes == 10 and b.info.image_size == 32
+    assert b.classes[0] == "airplane" and b.classes[-1] == "truck"
+    x, y = b.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
