@@ -12,22 +12,13 @@ Keys are dotted config keys (see ``dynlab.config``); ``--help`` lists them with 
 from __future__ import annotations
 
 import sys
-import time
-
 from dynlab import cli, steps, training
-from dynlab.config import resolve
 
 
-def run(overrides: dict, handle, name: str) -> dict:
+def run(cfg, handle, name: str) -> dict:
     """The train -> predict -> evaluate -> log chain for one resolved config."""
     import ray
 
-    from dynlab import data as data_mod
-    from dynlab.tracking import log_config
-
-    cfg = resolve(overrides)
-    log_config(handle, cfg)
-    data_mod.dataset_info(cfg.data)  # a missing dataset fails here, before any worker starts
     print(f"[dynlab] training {cfg.method} on {cfg.backbone} / {cfg.data.name} as '{name}' ({cfg.run.epochs} epochs, {cfg.run.num_workers} worker(s))", flush=True)
     result = training.fit(cfg, name, tracking=handle.as_payload())
 

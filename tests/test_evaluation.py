@@ -26,6 +26,15 @@ from dynlab.evaluation import (
 )
 from dynlab.predictions import ExitPredictions, GatedPredictions, SubnetPredictions
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are small: intra-op threads only add contention on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ----------------------------------------------------------------------------------------------
 # plain-Python reference, written straight from REFERENCE.md section 2, steps 3 and 4
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +347,7 @@ def test_predictions_frame_parquet_round_trip(tmp_path):
     # shuffled rows still rebuild the same tensors (aligned by sample id)
     shuffled = back.sample(frac=1.0, random_state=0)
     p, lab = frame_to_predictions(shuffled, "heldout")
-    order = torch.as_tensor(shuffled[(shuffled["split"] == "heldout") & (shuffled["output"] == 0)]["sample"].to_numpy())
+    order = torch.as_tensor(shuffled[(shuffled["split"] == "heldout") & (shuffled["output"] == 0)]["sample"].to_numpy().copy())
     assert torch.equal(p.logits, exits.logits[:, order]) and torch.equal(lab, exit_labels[order])
 
     subnet_df = predictions_frame(subnet, subnet_labels, "test")

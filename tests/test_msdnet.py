@@ -20,15 +20,26 @@ from methods.backbones.msdnet import DenseLayer, ExitHead, MSDNet, MSDNetConfig,
 
 MSDNET_PRESETS = sorted(n for n, p in registry.PRESETS.items() if p.backbone == "msdnet")
 DIGITS = static_info("digits")
-_BUILT: dict[str, MSDNet] = {}
+_BUILT: dict[str, MSDNet] = {}  # small (CIFAR) models only; ImageNet ones are tens of M parameters
+_COSTS: dict = {}  # preset -> CostTable
 
 
 def preset_model(name: str) -> MSDNet:
-    if name not in _BUILT:
-        p = registry.get_preset(name)
-        cfg = build_section("msdnet", MSDNetConfig, p.values)
-        _BUILT[name] = registry.get_backbone("msdnet").build(cfg, static_info(p.dataset))
-    return _BUILT[name]
+    if name in _BUILT:
+        return _BUILT[name]
+    p = registry.get_preset(name)
+    cfg = build_section("msdnet", MSDNetConfig, p.values)
+    model = registry.get_backbone("msdnet").build(cfg, static_info(p.dataset))
+    if p.dataset != "imagenet":
+        _BUILT[name] = model
+    return model
+
+
+def preset_costs(name: str):
+    if name not in _COSTS:
+        _COSTS[name] = preset_model(name).cost_table
+    return _COSTS[name]
+
 
 
 def test_presets_registered():
@@ -56,6 +67,7 @@ def test_preset_builds_forwards_and_costs_increase(name):
     assert all(o.shape == (1, info.num_classes) and torch.isfinite(o).all() for o in out)
 
     t = model.cost_table
+    _COSTS[name] = t
     assert len(t) == model.num_exits
     assert all(b > a for a, b in zip(t.macs, t.macs[1:])), t.macs
     assert all(b > a for a, b in zip(t.params, t.params[1:])), t.params
@@ -76,8 +88,8 @@ def test_preset_costs_match_whole_forward_and_anytime_sizes():
     # same first block in both (their pruning intervals differ, so later exits do not match)
     assert b10.cost_table.macs[0] == b7.cost_table.macs[0]
     assert 0.5e8 < b7.cost_table.macs[-1] < b10.cost_table.macs[-1] < 3e8
-    s = [preset_model(f"msdnet-imagenet-s{k}").cost_table.macs[-1] for k in (4, 5)]
-    assert s[0] < s[1]
+    s = [preset_costs(f"msdnet-imagenet-s{k}").macs[-1] for k in (4, 5, 6, 7)]
+    assert s == sorted(s) and len(set(s)) == 4
 
 
 def test_defaults_are_tiny():
@@ -93,7 +105,7 @@ def test_defaults_are_tiny():
 def test_layer_counts_even_and_lin_grow():
     assert block_layer_counts(7, "even", 2, 4) == [4, 2, 2, 2, 2, 2, 2]
     assert block_layer_counts(5, "lin_grow", 1, 1) == [1, 2, 3, 4, 5]
-    assert block_layer_counts(3, "lin_grow", 2, 3) == [3, 5, 7]
+    assert block_layer_counts(3, "lin_grow", 2, 3) == [3, 3, 5]
     for block_type, expected in (("even", [1, 2, 2, 2]), ("lin_grow", [1, 3, 5, 7])):
         cfg = build_section("msdnet", MSDNetConfig, {"block_type": block_type, "step": 2, "base": 1, "n_blocks": 4})
         model = MSDNet(cfg, DIGITS)
@@ -161,7 +173,7 @@ def test_no_bottleneck_and_no_pruning():
     assert not any(isinstance(m, Transition) for m in model.modules())
     unit = next(m for m in model.modules() if isinstance(m, DenseLayer)).units[0].normal
     assert len(unit) == 1  # only the 3x3 conv-BN-ReLU
-    assert [h.features[0][0].in_channels for h in model.heads] == [(8 + 4 * 3) * 4, (8 + 4 * 4) * 4]
+    assert [h.features[0][0].in_channels for h in model.heads] == [(8 + 4 * 2) * 4, (8 + 4 * 3) * 4]  # layers [2, 1]
 
 
 def test_imagenet_variant_structure():
@@ -198,7 +210,7 @@ def test_config_validation():
         build_section("msdnet", MSDNetConfig, {"bn_factor": [1, 2]})
     assert e.value.key == "msdnet.bn_factor"
     with pytest.raises(ConfigError) as e:
-        build_section("msdnet", MSDNetConfig, {"growth_rate": 3})
+        build_section("msdnet", MSDNetConfig, {"growth_rate": 3, "gr_factor": [1, 1, 2], "bn_factor": [1, 1, 2]})
     assert e.value.key == "msdnet.growth_rate"
     with pytest.raises(ConfigError):
         build_section("msdnet", MSDNetConfig, {"block_type": "zigzag"})

@@ -58,7 +58,9 @@ def start_ray() -> bool:
     return True
 
 
-def main(doc: str, argv: list[str], body: Callable[[dict, tracking.RunHandle, str], dict], default_experiment: str, plugins: typing.Sequence[str] = ("methods",)) -> int:
+def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.RunHandle, str], dict], default_experiment: str, plugins: typing.Sequence[str] = ("methods",)) -> int:
+    """Resolve and check the config inside a guarded MLflow run (so bad input gives a FAILED run and
+    one clear line), then start Ray and run ``body(cfg, handle, name)``."""
     for name in plugins:
         __import__(name)
     if any(a in ("-h", "--help") for a in argv):
@@ -83,8 +85,13 @@ def main(doc: str, argv: list[str], body: Callable[[dict, tracking.RunHandle, st
     started = False
     try:
         with tracking.run_guard(handle):
+            from dynlab import data as data_mod
+
+            cfg = config_mod.resolve(overrides)
+            tracking.log_config(handle, cfg)
+            data_mod.dataset_info(cfg.data)  # a missing dataset fails here, before any worker starts
             started = start_ray()
-            out = body(overrides, handle, name)
+            out = body(cfg, handle, name)
     except BaseException as err:  # noqa: BLE001 - reported, run already marked FAILED by the guard
         cause = input_error(err)
         if cause is None:

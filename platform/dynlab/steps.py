@@ -69,6 +69,12 @@ def evaluate(cfg, tables: PredictionTables) -> Evaluation:
     return Evaluation(any_df, budget_df)
 
 
+def scalar_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without its list-valued columns (thresholds, exit fractions), for CSV."""
+    listy = [c for c in df.columns if len(df) and df[c].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any()]
+    return df.drop(columns=listy)
+
+
 def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:
     """Everything a run leaves: tables, curves as metrics on a cost axis, the figure, the checkpoint.
     Written to a temporary folder first and logged only when complete."""
@@ -93,7 +99,7 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
         ev.anytime.to_csv(out / "anytime.csv", index=False)
         if ev.budgeted is not None:
             ev.budgeted.to_parquet(out / "budgeted.parquet", index=False)
-            ev.budgeted.drop(columns=[c for c in ("thresholds", "exit_fraction") if c in ev.budgeted]).to_csv(out / "budgeted.csv", index=False)
+            scalar_columns(ev.budgeted).to_csv(out / "budgeted.csv", index=False)
         fig = plots.plot_evaluation(ev.anytime, ev.budgeted, out / "curves.png", title=f"{cfg.method} on {cfg.backbone} / {cfg.data.name}")
         for name in ("heldout.parquet", "test.parquet"):
             handle.log_artifact(out / name, "predictions")

@@ -115,7 +115,9 @@ class RunHandle:
             self.log_artifact(p, artifact_path)
             if csv:
                 c = Path(d) / f"{name}.csv"
-                df.drop(columns=[k for k in df.columns if df[k].map(lambda v: isinstance(v, (list, tuple))).any()]).to_csv(c, index=False)
+                from dynlab.steps import scalar_columns
+
+                scalar_columns(df).to_csv(c, index=False)
                 self.log_artifact(c, artifact_path)
 
     def artifact_uri(self) -> str:

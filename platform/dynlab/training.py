@@ -144,6 +144,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     seed_everything(cfg.run.seed + rank)
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
     tracker = RunHandle(**payload["tracking"]) if rank == 0 and payload.get("tracking") else None
+    if tracker:
+        tracker.set_tags({"dynlab.world_size": world, "dynlab.device": str(device)})
 
     bundle = data_mod.build_datasets(cfg.data, cfg.run.seed)
     method = get_method(cfg.method).cls(cfg)

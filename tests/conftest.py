@@ -1,0 +1,36 @@
+import os
+
+import pytest
+
+import methods  # noqa: F401  (fills the registries)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder with the default (local SQLite) MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DYNLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the integration tests of a session (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=True, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """CI has 2 cores: one torch thread per test process avoids oversubscription with Ray workers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,86 @@
+import dataclasses
+
+import pytest
+
+from dynlab import config
+from dynlab.errors import ConfigError
+
+
+def test_defaults_resolve_to_typed_sections():
+    cfg = config.resolve()
+    assert cfg.method == "boostnet" and cfg.backbone == "msdnet" and cfg.data.name == "digits"
+    assert type(cfg.method_cfg).__name__ == "BoostNetConfig"
+    assert type(cfg.backbone_cfg).__name__ == "MSDNetConfig"
+    assert cfg.method_cfg.temperature == 0.5
+
+
+def test_overrides_dotted_keys_shortcuts_and_types():
+    cfg = config.cli_config(["method=joint", "epochs=7", "dataset=synthetic", "optim.lr=0.05", "msdnet.n_blocks=3", "joint.gradient_rescale=true", "optim.milestones=[0.3,0.6]"])
+    assert cfg.method == "joint" and cfg.run.epochs == 7 and cfg.data.name == "synthetic"
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
+    assert cfg.backbone_cfg.n_blocks == 3 and cfg.method_cfg.gradient_rescale is True
+    assert cfg.optim.milestones == [0.3, 0.6]
+
+
+@pytest.mark.parametrize(
+    "args, key, fragment",
+    [
+        (["run.epochs=0"], "run.epochs", ">= 1"),
+        (["optim.momentum=1.5"], "optim.momentum", "<= 1.0"),
+        (["run.amp=fp8"], "run.amp", "one of none, bf16, fp16"),
+        (["run.nonsense=1"], "run.nonsense", "a key of 'run'"),
+        (["ranet.n_blocks=2"], "ranet.n_blocks", "a known key"),
+        (["method=nosuch"], "method", "one of boostnet, joint"),
+        (["boostnet.temperature=-1"], "boostnet.temperature", ">= 0.0"),
+        (["epochs=two"], "run.epochs", "an integer"),
+        (["run.use_gpu=maybe"], "run.use_gpu", "true or false"),
+        (["preset=msdnet-nope"], "backbone.preset", "msdnet-cifar100-b7"),
+        (["optim.milestones=[0.8,0.2]"], "optim.milestones", "increasing fractions"),
+        (["dataset=imagefolder"], "data.root", "ImageNet layout"),
+        (["noequals"], "noequals", "key=value"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(args, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.cli_config(args)
+    err = info.value
+    assert err.key == key
+    assert key in str(err) and fragment in str(err)
+
+
+def test_preset_sets_backbone_values_and_overrides_win():
+    cfg = config.cli_config(["preset=msdnet-cifar100-b7", "msdnet.growth_rate=8"])
+    assert cfg.backbone == "msdnet" and cfg.preset == "msdnet-cifar100-b7"
+    assert cfg.backbone_cfg.n_blocks == 7 and cfg.backbone_cfg.growth_rate == 8
+    assert cfg.backbone_cfg.n_channels == 16
+
+
+def test_hash_is_stable_and_ignores_where_results_go():
+    a = config.cli_config(["epochs=3"])
+    b = config.cli_config(["epochs=3", "run.name=other", "run.experiment=x", "run.storage_path=/tmp/x"])
+    c = config.cli_config(["epochs=4"])
+    assert a.hash() == b.hash() == config.cli_config(["run.epochs=3"]).hash()
+    assert a.hash() != c.hash()
+    assert len(a.hash()) == 12
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = config.cli_config(["method=joint", "epochs=2", "msdnet.gr_factor=1-2-4"])
+    assert config.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    again = config.cli_config([f"config={path}", "seed=3"])
+    assert again.run.seed == 3 and again.method == "joint" and again.run.epochs == 2
+    assert again.backbone_cfg == cfg.backbone_cfg
+
+
+def test_with_overrides_keeps_other_values():
+    cfg = config.cli_config(["method=boostnet", "boostnet.temperature=0.25", "epochs=2"])
+    new = cfg.with_overrides(["boostnet.temperature=1.0"])
+    assert new.method_cfg.temperature == 1.0 and new.run.epochs == 2
+    assert dataclasses.replace(new.method_cfg, temperature=0.25) == cfg.method_cfg
+
+
+def test_missing_yaml_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config"):
+        config.cli_config([f"config={tmp_path / 'nope.yaml'}"])
