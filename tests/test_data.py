@@ -265,10 +265,14 @@ def test_cifar_missing_root_errors_without_download(tmp_path, monkeypatch):
         assert "data.root" in msg and str(root) in msg and "data.download=true" in msg
 
 
-def test_cifar_info_static():
-    assert D.dataset_info(DataConfig(name="cifar100")).num_coarse_classes == 20
-    assert D.dataset_info(DataConfig(name="cifar10")).num_classes == 10
-    assert D.dataset_info(DataConfig(name="cifar10", image_size=64)).image_size == 64
+def test_cifar_info_needs_no_images_but_checks_the_folder(tmp_path):
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert D.dataset_info(DataConfig(name="cifar100", root=str(tmp_path))).num_coarse_classes == 20
+    assert D.dataset_info(DataConfig(name="cifar10", root=str(tmp_path))).num_classes == 10
+    assert D.dataset_info(DataConfig(name="cifar10", root=str(tmp_path), image_size=64)).image_size == 64
+    with pytest.raises(DataError, match="data.root"):
+        D.dataset_info(DataConfig(name="cifar10", root=str(tmp_path / "elsewhere")))
 
 
 def test_cifar100_coarse_labels_reader(tmp_path):

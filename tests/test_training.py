@@ -22,7 +22,7 @@ def test_loop_trains_and_evaluation_handles_every_prediction_shape(in_tmp, metho
     StandInSubnets.backward_calls.clear()
     cfg = config.cli_config([f"method={method}", "epochs=2", *SMALL])
     result = training.fit(cfg, f"t-{method}")
-    ckpt = in_tmp / "dynlab_runs" / f"t-{method}" / "local"
+    ckpt = in_tmp / "dynlab_runs" / f"t-{method}"
     assert sorted(p.name for p in ckpt.glob("epoch_*")) == ["epoch_0000", "epoch_0001"]
     assert result.metrics["epoch"] == 1 and 0 <= result.metrics["heldout/acc_mean"] <= 100
     if method == "standin_subnets":
@@ -55,7 +55,7 @@ def test_in_process_run_resumes_from_its_last_checkpoint(in_tmp, capsys):
     assert "epoch 1/3" not in out and "epoch 2/3" in out and "epoch 3/3" in out  # epoch 1 not retrained
     state = torch.load(f"{second.checkpoint_dir}/state.pt", weights_only=True)
     assert state["epoch"] == 2
-    assert sorted(p.name for p in (in_tmp / "dynlab_runs" / "resume-me" / "local").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in (in_tmp / "dynlab_runs" / "resume-me").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
 
 
 def test_best_checkpoint_uses_heldout_not_test(in_tmp):

@@ -165,6 +165,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> DataBundle:
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes and input size for ``cfg`` without loading the images where possible."""
     size = cfg.image_size
+    if cfg.name in ("cifar10", "cifar100"):
+        _cifar_location(cfg)  # fail early (in the driver) when the files are missing
     if cfg.name in ("digits", "cifar10", "cifar100"):
         info = STATIC_INFO[cfg.name]
         return replace(info, image_size=size) if size > 0 else info
@@ -295,19 +297,25 @@ def _cifar_root(cfg: DataConfig) -> Path:
     return root
 
 
+def _cifar_location(cfg: DataConfig) -> tuple[Path, Path, str]:
+    """``(root, batches folder, description)``; a DataError when absent and not to be downloaded."""
+    root = _cifar_root(cfg)
+    folder = root / CIFAR_FOLDERS[cfg.name]
+    where = f"data.root = {cfg.root!r} (resolved: {root})"
+    if not cfg.download and not folder.is_dir():
+        raise DataError(
+            f"{where}: {CIFAR_TITLES[cfg.name]} not found (expected the folder {folder}). Set data.download=true to "
+            f"download it there, or point data.root at the folder that contains {CIFAR_FOLDERS[cfg.name]}."
+        )
+    return root, folder, where
+
+
 def _build_cifar(cfg: DataConfig, seed: int) -> DataBundle:
     from torchvision import datasets
 
     name, title = cfg.name, CIFAR_TITLES[cfg.name]
-    root = _cifar_root(cfg)
-    folder = root / CIFAR_FOLDERS[name]
+    root, folder, where = _cifar_location(cfg)
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    where = f"data.root = {cfg.root!r} (resolved: {root})"
-    if not cfg.download and not folder.is_dir():
-        raise DataError(
-            f"{where}: {title} not found (expected the folder {folder}). Set data.download=true to "
-            f"download it there, or point data.root at the folder that contains {CIFAR_FOLDERS[name]}."
-        )
     try:
         train_ds = cls(str(root), train=True, download=cfg.download)
         test_ds = cls(str(root), train=False, download=False)

@@ -160,8 +160,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     best_state = None
     local_root = Path(payload["local_checkpoint_root"]) if payload.get("local_checkpoint_root") else None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and local_root is not None and sorted(local_root.glob("epoch_*")):
-        ckpt = ray.train.Checkpoint.from_directory(str(sorted(local_root.glob("epoch_*"))[-1]))
+    if ckpt is None and payload.get("resume_dir"):
+        ckpt = ray.train.Checkpoint.from_directory(payload["resume_dir"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -292,6 +292,17 @@ def default_storage() -> str:
     return str((Path.cwd() / "dynlab_runs").resolve())
 
 
+CHECKPOINT_FILES = (STATE_FILE, BEST_FILE, "config.yaml")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete ``epoch_*`` checkpoint of a run folder (a restarted run resumes from it)."""
+    for d in sorted(Path(run_dir).glob("epoch_*"), reverse=True):
+        if all((d / f).is_file() and (d / f).stat().st_size > 0 for f in CHECKPOINT_FILES):
+            return d
+    return None
+
+
 def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None = None) -> FitResult:
     """Train ``cfg`` with a TorchTrainer named ``name``; the same name resumes from its checkpoints."""
     import ray.train
@@ -299,6 +310,10 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
 
     storage = cfg.run.storage_path or default_storage()
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    local_storage = "://" not in storage
+    resume = latest_checkpoint(Path(storage) / name) if local_storage else None  # remote storage: Ray restores
+    if resume is not None:
+        _progress(f"run '{name}' has a checkpoint at {resume.name}: resuming")
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1
@@ -308,7 +323,8 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
             "config": cfg.to_dict(),
             "tracking": tracking,
             "plugins": plugins or ["methods"],
-            "local_checkpoint_root": str(Path(storage) / name / "local") if cfg.run.num_workers == 0 and "://" not in storage else None,
+            "local_checkpoint_root": str(Path(storage) / name) if cfg.run.num_workers == 0 and local_storage else None,
+            "resume_dir": str(resume) if resume else None,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources),

@@ -1,0 +1,74 @@
+"""End to end through the real stack: a local Ray, Ray Train workers, MLflow on SQLite."""
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from dynlab import tracking
+from pipelines import train
+
+TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2", "data.heldout=200", "data.batch_size=64", "eval.num_budgets=3"]
+
+
+def only_run(name):
+    client = MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name("dynlab-train")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TRAIN_NAME_TAG}` = '{name}'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_run_trains_evaluates_and_logs(in_tmp, ray_local):
+    assert train.main(["workers=2", "run.cpus_per_worker=0.5", "epochs=2", "run.name=ddp", *TINY]) == 0
+    client, run = only_run("ddp")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dynlab.world_size"] == "2"
+    assert run.data.params["boostnet.temperature"] == "0.5" and run.data.params["run.num_workers"] == "2"
+    for key in ("heldout/acc_out0", "heldout/acc_out1", "train/acc_exit1", "train/loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
+    curve = client.get_metric_history(run.info.run_id, "anytime/test_accuracy")
+    assert len(curve) == 2 and curve[0].step < curve[1].step  # step = cumulative cost (kMACs) per exit
+    assert len(client.get_metric_history(run.info.run_id, "budgeted_budget/test_accuracy")) == 3
+    artifacts = {f.path for d in ("", "predictions", "evaluation", "checkpoint", "data") for f in client.list_artifacts(run.info.run_id, d or None)}
+    for path in ("config.yaml", "predictions/heldout.parquet", "predictions/test.parquet", "evaluation/curves.png", "evaluation/anytime.parquet", "evaluation/budgeted.parquet", "checkpoint/best.pt", "data/heldout_indices.json"):
+        assert path in artifacts
+    local = client.download_artifacts(run.info.run_id, "checkpoint/best.pt", str(in_tmp))
+    state = torch.load(local, weights_only=True)
+    assert any(k.startswith("backbone.") for k in state)
+
+
+@pytest.mark.slow
+def test_run_killed_after_an_epoch_resumes_from_its_checkpoint(in_tmp, ray_local, capfd):
+    args = ["epochs=2", "run.name=killed", *TINY]
+    with pytest.raises(Exception):
+        train.main([*args, "run.kill_after_epoch=0"])
+    client, run = only_run("killed")
+    assert run.info.status == "FAILED"
+    assert (in_tmp / "dynlab_runs" / "killed" / "epoch_0000").is_dir()
+    assert not (in_tmp / "dynlab_runs" / "killed" / "epoch_0001").exists()
+
+    assert train.main(args) == 0
+    client, again = only_run("killed")  # the same MLflow run, reopened
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["dynlab.resumed_at_epoch"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout/acc_mean")] == [0, 1]
+    assert "resumed from checkpoint after epoch 1 of 2" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["epochs=0"], "error: config 'run.epochs' = 0 is not allowed: expected >= 1"),
+        (["method=nosuch"], "error: config 'method' = 'nosuch' is not allowed: expected one of boostnet, joint"),
+        (["dataset=imagefolder", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+        (["dataset=cifar100", "data.root=/nonexistent/cifar"], "data.root"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_a_failed_run(in_tmp, capsys, args, message):
+    assert train.main([*args, "run.name=bad"]) == 2
+    out = capsys.readouterr().out
+    assert message in out and "Traceback" not in out
+    _, run = only_run("bad")
+    assert run.info.status == "FAILED"
+    assert message.removeprefix("error: ") in run.data.tags["dynlab.error"]
