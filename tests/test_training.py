@@ -44,13 +44,13 @@ def test_loop_trains_and_evaluation_handles_every_prediction_shape(in_tmp, metho
         assert ev.anytime["cost"].iloc[0] == pytest.approx(preds.costs.mean().item())
 
 
-def test_in_process_run_resumes_from_its_last_checkpoint(in_tmp, capsys):
+def test_in_process_run_resumes_from_its_last_checkpoint(in_tmp, capfd):
     cfg = config.cli_config(["method=joint", "msdnet.n_blocks=2", "epochs=1", *SMALL])
     first = training.fit(cfg, "resume-me")
     assert torch.load(f"{first.checkpoint_dir}/state.pt", weights_only=True)["epoch"] == 0
-    capsys.readouterr()
+    capfd.readouterr()
     second = training.fit(cfg.with_overrides(["epochs=3"]), "resume-me")
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "resumed from checkpoint after epoch 1 of 3" in out
     assert "epoch 1/3" not in out and "epoch 2/3" in out and "epoch 3/3" in out  # epoch 1 not retrained
     state = torch.load(f"{second.checkpoint_dir}/state.pt", weights_only=True)

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def _amp_dtype(cfg):
 
 
 def _progress(msg: str) -> None:
-    print(f"[dynlab] {msg}", flush=True)
+    # sys.__stdout__: Ray Train patches print() into a logger and tees it when a library (MLflow)
+    # wraps sys.stdout, which printed every line twice.
+    print(f"[dynlab] {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
