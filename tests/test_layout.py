@@ -1,0 +1,47 @@
+"""The architecture rules of DESIGN.md, checked."""
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_names():
+    for top in (ROOT / "platform", ROOT):
+        for p in top.iterdir():
+            if p.name.startswith(".") or p.name in ("tests", "build", "dist"):
+                continue
+            if p.is_dir() and (p / "__init__.py").exists():
+                yield p.name
+            elif p.suffix == ".py":
+                yield p.stem
+
+
+def test_no_module_shadows_the_standard_library():
+    clashes = sorted(set(module_names()) & set(sys.stdlib_module_names))
+    assert clashes == []
+
+
+def test_platform_never_imports_methods_or_pipelines():
+    offenders = []
+    for path in (ROOT / "platform" / "dynlab").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("methods", "pipelines")]
+    assert offenders == []
+
+
+def test_torch_load_is_always_weights_only():
+    bad = []
+    for path in [*ROOT.glob("platform/**/*.py"), *ROOT.glob("methods/**/*.py"), *ROOT.glob("pipelines/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and getattr(node.func.value, "id", None) == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    bad.append(f"{path.name}:{node.lineno}")
+    assert bad == []
