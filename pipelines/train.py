@@ -19,6 +19,7 @@ def run(cfg, handle, name: str) -> dict:
     """The train -> predict -> evaluate -> log chain for one resolved config."""
     import ray
 
+    cli.ensure_ray()
     print(f"[dynlab] training {cfg.method} on {cfg.backbone} / {cfg.data.name} as '{name}' ({cfg.run.epochs} epochs, {cfg.run.num_workers} worker(s))", flush=True)
     result = training.fit(cfg, name, tracking=handle.as_payload())
 

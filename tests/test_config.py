@@ -84,3 +84,23 @@ def test_with_overrides_keeps_other_values():
 def test_missing_yaml_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config"):
         config.cli_config([f"config={tmp_path / 'nope.yaml'}"])
+
+
+def test_train_hash_ignores_evaluation_and_sweep_settings():
+    a = config.cli_config(["epochs=3"])
+    b = config.cli_config(["epochs=3", "eval.num_budgets=3", "sweep.max_concurrent=2", "run.predict_batches=2"])
+    assert a.train_hash() == b.train_hash() and a.hash() != b.hash()
+    assert a.train_hash() != config.cli_config(["epochs=3", "boostnet.temperature=1.0"]).train_hash()
+
+
+def test_switching_method_drops_the_old_method_section():
+    cfg = config.cli_config(["boostnet.temperature=0.25", "epochs=2"])
+    joint = cfg.with_overrides({"method": "joint"})
+    assert joint.method == "joint" and type(joint.method_cfg).__name__ == "JointConfig" and joint.run.epochs == 2
+
+
+def test_config_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("a.b", 3, ">= 4")))
+    assert (err.key, err.value, err.allowed) == ("a.b", 3, ">= 4") and "a.b" in str(err)

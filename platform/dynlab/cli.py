@@ -12,7 +12,7 @@ from typing import Callable
 
 from dynlab import config as config_mod
 from dynlab import registry, tracking
-from dynlab.errors import DynlabError
+from dynlab.errors import DynlabError, input_error
 
 
 def usage(doc: str) -> str:
@@ -31,31 +31,27 @@ def usage(doc: str) -> str:
     return "\n".join(lines)
 
 
-def input_error(err: BaseException) -> DynlabError | None:
-    """The DynlabError behind ``err``, also when Ray wrapped it (a worker raised it)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, DynlabError):
-            return err
-        for attr in ("cause", "__cause__", "__context__"):
-            nxt = getattr(err, attr, None)
-            if isinstance(nxt, BaseException):
-                err = nxt
-                break
-        else:
-            return None
-    return None
+_STARTED_RAY = False
 
 
-def start_ray() -> bool:
-    """Connect to ``RAY_ADDRESS`` (a cluster, or the job's) or start a local Ray. True if we started it."""
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` (a cluster, or the job's) or start a local Ray, once; lazily, so
+    a pipeline served entirely from cache never pays Ray's start-up."""
+    global _STARTED_RAY
     import ray
 
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-    return True
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        _STARTED_RAY = True
+
+
+def _stop_ray() -> None:
+    global _STARTED_RAY
+    if _STARTED_RAY:
+        import ray
+
+        ray.shutdown()
+        _STARTED_RAY = False
 
 
 def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.RunHandle, str], dict], default_experiment: str, plugins: typing.Sequence[str] = ("methods",)) -> int:
@@ -82,7 +78,6 @@ def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.
 
     uri = tracking.tracking_uri()
     handle = tracking.open_run(experiment, name, tags={"dynlab.argv": " ".join(argv)}, resume_key=name)
-    started = False
     try:
         with tracking.run_guard(handle):
             from dynlab import data as data_mod
@@ -90,7 +85,6 @@ def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.
             cfg = config_mod.resolve(overrides)
             tracking.log_config(handle, cfg)
             data_mod.dataset_info(cfg.data)  # a missing dataset fails here, before any worker starts
-            started = start_ray()
             out = body(cfg, handle, name)
     except BaseException as err:  # noqa: BLE001 - reported, run already marked FAILED by the guard
         cause = input_error(err)
@@ -100,10 +94,7 @@ def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.
         print(f"[dynlab] MLflow run {handle.run_id} marked FAILED ({uri})")
         return 2
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        _stop_ray()
     report(out, handle, uri, name)
     return 0
 

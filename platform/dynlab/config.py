@@ -89,6 +89,19 @@ class EvalConfig:
     flat_curve: bool = field(default=False, metadata={"help": "BoostNet's flat-curve rule on the p-grid"})
 
 
+@dataclass
+class SweepConfig:
+    values: list[float] = field(default_factory=list, metadata={"help": "the pipeline's main grid; empty = its default"})
+    baseline: bool = field(default=True, metadata={"help": "add the pipeline's baseline trial (e.g. joint training)"})
+    repeats: int = bounded(1, 1, help="seeds per trial: run.seed, run.seed+1, ...")
+    num_samples: int = bounded(0, 0, help="random-search samples for pipelines with random axes")
+    max_concurrent: int = bounded(1, 1, help="trials at a time (each trial's Ray Train workers need their own CPUs/GPUs)")
+    trial_cpus: float = bounded(0.05, 0.01, help="CPUs held by each trial's driver (its workers ask for their own)")
+    asha: bool = field(default=False, metadata={"help": "stop weak trials early (ASHA on held-out accuracy)"})
+    grace_period: int = bounded(1, 1, help="epochs before ASHA may stop a trial")
+    cache_dir: str = field(default="", metadata={"hash": False, "help": "step cache; default <run.storage_path or ./dynlab_runs>/cache"})
+
+
 SHORTCUTS = {
     "dataset": "data.name",
     "epochs": "run.epochs",
@@ -99,7 +112,9 @@ SHORTCUTS = {
     "name": "run.name",
 }
 
-FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
+FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "sweep": SweepConfig}
+# Sections that do not change what training produces (excluded from Config.train_hash()).
+NOT_TRAINING = ("eval", "sweep")
 
 
 @dataclass
@@ -111,6 +126,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     method_cfg: Any = None  # the registered method's dataclass, section name = self.method
     backbone_cfg: Any = None  # the registered backbone's dataclass, section name = self.backbone
 
@@ -126,24 +142,39 @@ class Config:
         """Dotted keys -> values, as logged to MLflow params."""
         return _flatten(self.to_dict())
 
-    def hash(self) -> str:
-        """Stable short hash of everything that changes results (fields with hash=False excluded)."""
+    def hash(self, exclude: tuple[str, ...] = ()) -> str:
+        """Stable short hash of everything that changes results (fields with hash=False and the
+        sections named in ``exclude`` left out)."""
         d = self.to_dict()
+        for key in exclude:  # a section ("eval") or one field ("run.predict_batches")
+            head, _, rest = key.partition(".")
+            (d.get(head, {}).pop(rest, None) if rest else d.pop(head, None))
         for section, cls in [*FIXED_SECTIONS.items(), (self.method, type(self.method_cfg)), (self.backbone, type(self.backbone_cfg))]:
-            if dataclasses.is_dataclass(cls):
+            if dataclasses.is_dataclass(cls) and section in d:
                 for f in dataclasses.fields(cls):
                     if f.metadata.get("hash", True) is False:
                         d[section].pop(f.name, None)
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def train_hash(self) -> str:
+        """Hash of what training depends on: two configs with the same train_hash train the same model."""
+        return self.hash(exclude=NOT_TRAINING + ("run.predict_batches",))
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
         """A new resolved config: this one's values plus ``overrides``."""
+        new = {SHORTCUTS.get(k, k): v for k, v in _as_dict(overrides).items()}
         merged = dict(self.flat())
-        merged.update(_as_dict(overrides))
+        # switching method or backbone drops the old one's section (its keys mean nothing to the new one)
+        for kind, current in (("method", self.method), ("backbone", self.backbone)):
+            if kind in new and new[kind] != current:
+                merged = {k: v for k, v in merged.items() if not k.startswith(current + ".")}
+        if "backbone" in new or "preset" in new:
+            merged.pop("preset", None)
+        merged.update(new)
         return resolve(merged)
 
 

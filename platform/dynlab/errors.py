@@ -12,6 +12,26 @@ class ConfigError(DynlabError, ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"config '{key}' = {value!r} is not allowed: expected {allowed}")
 
+    def __reduce__(self):  # picklable, so that it crosses Ray process boundaries intact
+        return (type(self), (self.key, self.value, self.allowed))
+
 
 class DataError(DynlabError):
     """A dataset cannot be found or read."""
+
+
+def input_error(err: BaseException) -> DynlabError | None:
+    """The DynlabError behind ``err``, also when Ray wrapped it (a worker raised it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DynlabError):
+            return err
+        for attr in ("cause", "__cause__", "__context__"):
+            nxt = getattr(err, attr, None)
+            if isinstance(nxt, BaseException):
+                err = nxt
+                break
+        else:
+            return None
+    return None

@@ -306,7 +306,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None = None) -> FitResult:
+def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None = None, callbacks: list | None = None) -> FitResult:
     """Train ``cfg`` with a TorchTrainer named ``name``; the same name resumes from its checkpoints."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -336,6 +336,7 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

@@ -1,0 +1,225 @@
+"""Ray Tune sweeps over any config keys, each trial trained by Ray Train.
+
+The search space (grid / choices / random axes, extra trials such as a baseline, repeats with
+seeds) is expanded in the driver into a fixed list of :class:`Trial` s with stable ids: random
+axes are sampled with the run seed, so the same command gives the same trials and each trial's
+training can be cached under its config hash. Tune then runs one trial per id (``grid_search``
+over the ids), with optional ASHA early stopping; each trial is a function that fits a
+``TorchTrainer`` (the Ray 2.60 pattern) and logs into an MLflow child run of the pipeline's run.
+
+A finished trial publishes its selected weights to ``<cache>/train/<train_hash>/``; a later sweep
+skips trials found there, and an interrupted trial resumes from its Ray Train checkpoints (its
+Train run is named after its hash), so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dynlab import config as config_mod
+from dynlab import tracking, training
+from dynlab.errors import input_error
+
+TRAIN_CACHE = "train"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Trial:
+    id: str  # stable and readable, e.g. "temperature=0.5-seed0"
+    label: str  # for tables and legends, e.g. "temperature=0.5"
+    overrides: dict[str, Any]
+    config: dict[str, Any]  # resolved Config.to_dict()
+    train_key: str  # Config.train_hash(): identical training => identical key
+
+    def cfg(self) -> config_mod.Config:
+        return config_mod.from_dict(self.config)
+
+
+def _label(overrides: dict[str, Any]) -> str:
+    if not overrides:
+        return "base"
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+def _sample(domain, rng: np.random.Generator):
+    kind, *args = domain
+    if kind == "uniform":
+        return float(rng.uniform(args[0], args[1]))
+    if kind == "loguniform":
+        return float(np.exp(rng.uniform(np.log(args[0]), np.log(args[1]))))
+    if kind == "choice":
+        return args[0][int(rng.integers(len(args[0])))]
+    raise ValueError(f"unknown random axis {kind!r}: use ('uniform', lo, hi), ('loguniform', lo, hi) or ('choice', [values])")
+
+
+def expand(
+    base: config_mod.Config,
+    grid: dict[str, list] | None = None,
+    random: dict[str, tuple] | None = None,
+    extra: list[dict[str, Any]] | None = None,
+) -> list[Trial]:
+    """Concrete trials: the cartesian product of ``grid``, times ``base.sweep.num_samples`` draws of
+    the ``random`` axes, plus ``extra`` trials (e.g. a baseline), each repeated ``base.sweep.repeats``
+    times with seeds run.seed, run.seed+1, ... Every trial config is resolved (so validated) here."""
+    grid, random = dict(grid or {}), dict(random or {})
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    if random:
+        rng = np.random.default_rng(base.run.seed)
+        draws = [{k: _sample(d, rng) for k, d in random.items()} for _ in range(max(1, base.sweep.num_samples))]
+        points = [{**p, **d} for p in points for d in draws]
+    points += list(extra or [])
+    trials, seen = [], set()
+    for point in points:
+        for r in range(base.sweep.repeats):
+            overrides = dict(point)
+            if base.sweep.repeats > 1:
+                overrides["run.seed"] = base.run.seed + r
+            cfg = base.with_overrides(overrides)
+            label = _label(point)
+            tid = label.replace(", ", "-").replace(" ", "") + (f"-seed{cfg.run.seed}" if base.sweep.repeats > 1 else "")
+            if tid in seen:
+                raise ValueError(f"two trials share the id {tid!r}: the search space repeats a point")
+            seen.add(tid)
+            trials.append(Trial(tid, label, overrides, cfg.to_dict(), cfg.train_hash()))
+    return trials
+
+
+def cache_root(cfg: config_mod.Config) -> Path:
+    if cfg.sweep.cache_dir:
+        return Path(cfg.sweep.cache_dir).expanduser().resolve()
+    storage = cfg.run.storage_path or training.default_storage()
+    if "://" in storage:
+        raise ValueError("sweep.cache_dir must be a local or shared folder when run.storage_path is remote")
+    return Path(storage).expanduser().resolve() / "cache"
+
+
+def cached_training(cache: Path, train_key: str) -> dict | None:
+    """The published result of a finished training, or None (a partial folder never counts)."""
+    f = cache / TRAIN_CACHE / train_key / RESULT_FILE
+    if not f.is_file():
+        return None
+    result = json.loads(f.read_text())
+    result["checkpoint_dir"] = str(f.parent)
+    return result
+
+
+def publish_training(cache: Path, train_key: str, checkpoint_dir: str, result: dict) -> dict:
+    """Copy the selected weights and config into the cache, atomically (result.json written last,
+    then the folder renamed into place)."""
+    final = cache / TRAIN_CACHE / train_key
+    tmp = cache / ".tmp" / f"{train_key}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    for name in (training.BEST_FILE, "config.yaml"):
+        shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
+    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=1, default=str))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(final)
+    except OSError:  # published concurrently by an identical trial: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cached_training(cache, train_key)
+
+
+def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, cache: str, plugins: list[str]) -> None:
+    """One Tune trial: fit a TorchTrainer for the trial's config, logging into a child run."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    training.import_plugins(plugins)
+    spec = specs[tune_config["trial"]]
+    cfg = config_mod.from_dict(spec["config"])
+    name = f"{experiment}-{spec['train_key']}"  # same training => same Train run => resumes
+    handle = tracking.open_run(
+        experiment,
+        spec["id"],
+        tags={"dynlab.trial": spec["id"], "dynlab.trial_label": spec["label"], "dynlab.train_key": spec["train_key"]},
+        parent_run_id=parent["run_id"],
+        resume_key=f"{name}@{parent['run_id']}",
+    )
+    with tracking.run_guard(handle):
+        tracking.log_config(handle, cfg)
+        result = training.fit(cfg, name, tracking=handle.as_payload(), plugins=plugins, callbacks=[TuneReportCallback()])
+        publish_training(Path(cache), spec["train_key"], result.checkpoint_dir, {"train_key": spec["train_key"], "run_id": handle.run_id, "metrics": result.metrics})
+
+
+@dataclass
+class SweepResult:
+    table: pd.DataFrame  # one row per trial
+    trained: list[str] = field(default_factory=list)  # trial ids trained in this invocation
+
+
+def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle, experiment: str, plugins: list[str] | None = None) -> SweepResult:
+    """Train every trial not already in the cache with Ray Tune; return one row per trial."""
+    from ray import tune
+
+    plugins = plugins or ["methods"]
+    cache = cache_root(base)
+    todo = [t for t in trials if cached_training(cache, t.train_key) is None]
+    errors: dict[str, str] = {}
+    if todo:
+        from dynlab.cli import ensure_ray
+
+        ensure_ray()
+        print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {base.sweep.max_concurrent} at a time", flush=True)
+        specs = {t.id: {"id": t.id, "label": t.label, "config": t.config, "train_key": t.train_key} for t in todo}
+        fn = tune.with_parameters(train_trial, specs=specs, parent=parent.as_payload(), experiment=experiment, cache=str(cache), plugins=plugins)
+        scheduler = None
+        if base.sweep.asha:
+            scheduler = tune.schedulers.ASHAScheduler(metric="heldout/acc_mean", mode="max", max_t=base.run.epochs, grace_period=base.sweep.grace_period)
+        storage = base.run.storage_path or training.default_storage()
+        storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+        tuner = tune.Tuner(
+            tune.with_resources(fn, {"CPU": base.sweep.trial_cpus}),
+            param_space={"trial": tune.grid_search([t.id for t in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=base.sweep.max_concurrent, scheduler=scheduler),
+            run_config=tune.RunConfig(name=f"{experiment}-sweep-{uuid.uuid4().hex[:6]}", storage_path=storage, verbose=1),
+        )
+        grid = tuner.fit()
+        for r in grid:
+            if r.error is not None:
+                errors[r.config["trial"]] = _short_error(r.error)
+        _close_open_children(parent, experiment)
+    rows = []
+    for t in trials:
+        done = cached_training(cache, t.train_key)
+        status = "ok" if done else ("error" if t.id in errors else "stopped")
+        metrics = (done or {}).get("metrics", {})
+        rows.append(
+            {
+                "trial": t.id,
+                "label": t.label,
+                "status": status,
+                "error": errors.get(t.id, ""),
+                "cached": t not in todo,
+                "train_key": t.train_key,
+                "run_id": (done or {}).get("run_id", ""),
+                "checkpoint_dir": (done or {}).get("checkpoint_dir", ""),
+                "heldout_acc_mean": metrics.get("heldout/acc_mean", float("nan")),
+                "best_epoch": metrics.get("best_epoch", float("nan")),
+                **{f"param:{k}": str(v) for k, v in t.overrides.items()},
+            }
+        )
+    return SweepResult(pd.DataFrame(rows), [t.id for t in todo if cached_training(cache, t.train_key)])
+
+
+def _short_error(err: BaseException) -> str:
+    cause = input_error(err)
+    text = str(cause) if cause is not None else f"{type(err).__name__}: {err}"
+    return text.strip().splitlines()[-1][:500] if cause is None else text[:500]
+
+
+def _close_open_children(parent: tracking.RunHandle, experiment: str) -> None:
+    """Tune kills trials it stops early before their runs are closed: mark those KILLED."""
+    client = tracking.client(parent.uri)
+    for run in client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "dynlab.stopped_early", "true")
+        client.set_terminated(run.info.run_id, "KILLED")
