@@ -112,6 +112,13 @@ def report(out: dict, handle: tracking.RunHandle, uri: str, name: str) -> None:
                 if len(b):
                     t = pd.DataFrame({"budget MMACs": b["requested_budget"] / 1e6, "held-out MMACs": b["heldout_cost"] / 1e6, "test MMACs": b["test_cost"] / 1e6, "test acc %": b["test_accuracy"]})
                     print("\nBudgeted batch (thresholds from held-out, applied to test):\n" + t.to_string(index=False))
+        comp = out.get("comparison")
+        if comp is not None:
+            cols = [c for c in comp.columns if c in ("trial", "status") or c.startswith("acc_") or c.startswith("acc@")]
+            print("\nComparison (test accuracy %, per exit and per budget):\n" + comp[cols].to_string(index=False))
+            bad = comp[comp["status"] != "ok"]
+            for _, row in bad.iterrows():
+                print(f"[dynlab] trial {row['trial']}: {row['status']} {row['error']}")
     print(f"\n[dynlab] run '{name}' finished. MLflow run {handle.run_id} in {uri}")
     if out.get("figure"):
         print(f"[dynlab] figure: {out['figure']}")

@@ -142,11 +142,11 @@ class Config:
         """Dotted keys -> values, as logged to MLflow params."""
         return _flatten(self.to_dict())
 
-    def hash(self, exclude: tuple[str, ...] = ()) -> str:
-        """Stable short hash of everything that changes results (fields with hash=False and the
-        sections named in ``exclude`` left out)."""
+    def hashed_dict(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``to_dict()`` without fields marked hash=False (names, paths) and without ``exclude``
+        (sections like "eval", or single fields like "run.predict_batches"): what results depend on."""
         d = self.to_dict()
-        for key in exclude:  # a section ("eval") or one field ("run.predict_batches")
+        for key in exclude:
             head, _, rest = key.partition(".")
             (d.get(head, {}).pop(rest, None) if rest else d.pop(head, None))
         for section, cls in [*FIXED_SECTIONS.items(), (self.method, type(self.method_cfg)), (self.backbone, type(self.backbone_cfg))]:
@@ -154,7 +154,11 @@ class Config:
                 for f in dataclasses.fields(cls):
                     if f.metadata.get("hash", True) is False:
                         d[section].pop(f.name, None)
-        blob = json.dumps(d, sort_keys=True, default=str)
+        return d
+
+    def hash(self, exclude: tuple[str, ...] = ()) -> str:
+        """Stable short hash of everything that changes results (see :meth:`hashed_dict`)."""
+        blob = json.dumps(self.hashed_dict(exclude), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def train_hash(self) -> str:

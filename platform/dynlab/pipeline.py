@@ -1,0 +1,160 @@
+"""The sweep pipeline every ablation shares, as a DAG of cached steps:
+
+    sweep (Ray Tune; every trial trained by Ray Train)
+      -> predict[trial] -> evaluate[trial]   (Ray tasks; one pair per trial)
+      -> report                              (overlay figure, comparison table, in the parent run)
+
+MLflow layout: one experiment per pipeline, a parent run per invocation (the DAG graph and step
+records, the report), a child run per trial (training curves, then calibration and evaluation).
+Trained weights are cached per trial config and predictions/evaluations per content hash, so an
+unchanged pipeline trains nothing and changing one knob reruns only what depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dynlab import config as config_mod
+from dynlab import dag, plots, steps, sweeps, tracking, training
+from dynlab.config import NOT_TRAINING
+
+
+def _tables(heldout: str, test: str, indices: str) -> steps.PredictionTables:
+    return steps.PredictionTables(pd.read_parquet(heldout), pd.read_parquet(test), json.loads(Path(indices).read_text()))
+
+
+# ------------------------------------------------------------------ step functions (module level: cache keys name them)
+
+
+def sweep_step(ctx: dag.StepContext) -> dict:
+    """Train every trial that is not cached (Ray Tune); one entry per trial."""
+    c = ctx.config
+    base = config_mod.from_dict(c["base"])
+    trials = [sweeps.Trial(**t) for t in c["trials"]]
+    parent = tracking.RunHandle(**c["parent"])
+    result = sweeps.run(base, trials, parent, c["experiment"], plugins=c["plugins"])
+    result.table.to_parquet(ctx.out_dir / "sweep.parquet", index=False)
+    parent.log_frame(result.table, "sweep", "sweep", csv=True)
+    out: dict[str, Any] = {"table": str(ctx.out_dir / "sweep.parquet"), "trained": result.trained}
+    keep = ("status", "error", "label", "train_key", "run_id", "checkpoint_dir")  # not "cached": it changes between invocations
+    for row in result.table.to_dict("records"):
+        out[row["trial"]] = {k: row[k] for k in keep}
+    return out
+
+
+def predict_step(ctx: dag.StepContext, trained: dict) -> dict:
+    """Predict held-out and test with the trial's selected weights."""
+    if trained["status"] != "ok":
+        return {"status": trained["status"], "error": trained["error"]}
+    training.import_plugins(ctx.config["plugins"])  # a fresh Ray worker: fill the registries first
+    cfg = config_mod.from_dict(ctx.config["config"])
+    tables = steps.predict(cfg, trained["checkpoint_dir"], ctx.config["plugins"])
+    tables.heldout.to_parquet(ctx.out_dir / "heldout.parquet", index=False)
+    tables.test.to_parquet(ctx.out_dir / "test.parquet", index=False)
+    (ctx.out_dir / "heldout_indices.json").write_text(json.dumps(tables.heldout_indices))
+    return {"status": "ok", "heldout": str(ctx.out_dir / "heldout.parquet"), "test": str(ctx.out_dir / "test.parquet"), "indices": str(ctx.out_dir / "heldout_indices.json")}
+
+
+def evaluate_step(ctx: dag.StepContext, trained: dict, predictions: dict) -> dict:
+    """Anytime and budgeted evaluation; logged into the trial's child run (once: cached afterwards)."""
+    if predictions["status"] != "ok":
+        return {"status": predictions["status"], "error": predictions.get("error", "")}
+    training.import_plugins(ctx.config["plugins"])
+    cfg = config_mod.from_dict(ctx.config["config"])
+    tables = _tables(predictions["heldout"], predictions["test"], predictions["indices"])
+    ev = steps.evaluate(cfg, tables)
+    ev.anytime.to_parquet(ctx.out_dir / "anytime.parquet", index=False)
+    out = {"status": "ok", "anytime": str(ctx.out_dir / "anytime.parquet")}
+    if ev.budgeted is not None:
+        ev.budgeted.to_parquet(ctx.out_dir / "budgeted.parquet", index=False)
+        out["budgeted"] = str(ctx.out_dir / "budgeted.parquet")
+    child = tracking.RunHandle(ctx.config["tracking_uri"], trained["run_id"], ctx.config["experiment_id"])
+    steps.log_evaluation(child, cfg, tables, ev, trained["checkpoint_dir"])
+    return out
+
+
+def report_step(ctx: dag.StepContext, sweep: dict, **evaluations: dict) -> dict:
+    """One row per trial (one column per exit / budget), an overlay figure; logged to the parent run."""
+    c = ctx.config
+    parent = tracking.RunHandle(**c["parent"])
+    rows, curves = [], {}
+    for trial_id, step_name in c["trials"].items():
+        info, ev = sweep[trial_id], evaluations[step_name]
+        row: dict[str, Any] = {"trial": trial_id, "label": info["label"], "status": ev.get("status", info["status"]), "error": info["error"] or ev.get("error", ""), "run_id": info["run_id"]}
+        if ev.get("status") == "ok":
+            anytime = pd.read_parquet(ev["anytime"])
+            budgeted = pd.read_parquet(ev["budgeted"]) if "budgeted" in ev else None
+            curves[info["label"]] = (anytime, budgeted)
+            for _, a in anytime.iterrows():
+                row[f"acc_{a['name']}"] = float(a["accuracy"])
+                row[f"mmacs_{a['name']}"] = float(a["mmacs"])
+            if budgeted is not None:
+                for _, b in budgeted[budgeted["mode"] == "budget"].iterrows():
+                    row[f"acc@{b['requested_budget'] / 1e6:.2f}MMACs"] = float(b["test_accuracy"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.to_parquet(ctx.out_dir / "comparison.parquet", index=False)
+    table.to_csv(ctx.out_dir / "comparison.csv", index=False)
+    parent.log_artifact(ctx.out_dir / "comparison.parquet", "report")
+    parent.log_artifact(ctx.out_dir / "comparison.csv", "report")
+    out = {"table": str(ctx.out_dir / "comparison.parquet")}
+    if curves:
+        fig = plots.plot_overlay(curves, ctx.out_dir / "comparison.png", c["title"])
+        parent.log_artifact(fig, "report")
+        out["figure"] = str(fig)
+    return out
+
+
+# ------------------------------------------------------------------ building and running the DAG
+
+
+def build(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str]) -> list[dag.Step]:
+    gpu = 1 if base.run.use_gpu else 0
+    common = {"plugins": plugins}
+    out = [
+        dag.Step(
+            "sweep",
+            sweep_step,
+            config={"base": base.to_dict(), "trials": [dataclasses.asdict(t) for t in trials], "parent": parent.as_payload(), "experiment": experiment, **common},
+            where="driver",  # it drives Ray Tune itself
+            cache=False,  # cheap when every trial is cached; re-running it retries failed or stopped trials
+            retries=0,
+        )
+    ]
+    evals = {}
+    for t in trials:
+        cfg = t.cfg()
+        # step configs hold only what results depend on: no run names or paths, which change per invocation
+        predict_cfg = {"config": cfg.hashed_dict(exclude=NOT_TRAINING), **common}
+        eval_cfg = {"config": cfg.hashed_dict(), "tracking_uri": parent.uri, "experiment_id": parent.experiment_id, **common}
+        out.append(dag.Step(f"predict[{t.id}]", predict_step, config=predict_cfg, inputs={"trained": ("sweep", t.id)}, resources={"num_cpus": 1, "num_gpus": gpu}))
+        out.append(dag.Step(f"evaluate[{t.id}]", evaluate_step, config=eval_cfg, inputs={"trained": ("sweep", t.id), "predictions": f"predict[{t.id}]"}, resources={"num_cpus": 0.5}))
+        evals[t.id] = f"evaluate[{t.id}]"
+    arg = {f"e{i}": name for i, name in enumerate(evals.values())}
+    out.append(
+        dag.Step(
+            "report",
+            report_step,
+            config={"parent": parent.as_payload(), "title": title, "trials": {tid: f"e{i}" for i, tid in enumerate(evals)}},
+            inputs={"sweep": "sweep", **arg},
+            where="driver",
+            cache=False,  # logs into this invocation's parent run
+        )
+    )
+    return out
+
+
+def run(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str] | None = None) -> dict:
+    """Run the sweep pipeline; returns the comparison table, the figure and the DAG result."""
+    plugins = plugins or ["methods"]
+    parent.set_tags({"dynlab.pipeline": experiment, "dynlab.trials": len(trials)})
+    parent.log_text("\n".join(f"{t.id}\t{t.train_key}\t{json.dumps(t.overrides)}" for t in trials), "trials.tsv")
+    result = dag.run(build(base, trials, parent, experiment, title, plugins), sweeps.cache_root(base) / "steps", tracker=parent)
+    result.raise_for_failures()
+    report = result["report"]
+    return {"comparison": pd.read_parquet(report["table"]), "figure": report.get("figure"), "dag": result, "trained": result["sweep"]["trained"]}
