@@ -12,14 +12,12 @@ Keys are dotted config keys (see ``dynlab.config``); ``--help`` lists them with 
 from __future__ import annotations
 
 import sys
-from dynlab import cli, steps, training
+from dynlab import cli, cluster, steps, training
 
 
 def run(cfg, handle, name: str) -> dict:
     """The train -> predict -> evaluate -> log chain for one resolved config."""
-    import ray
-
-    cli.ensure_ray()
+    ray = cluster.ensure_ray()
     print(f"[dynlab] training {cfg.method} on {cfg.backbone} / {cfg.data.name} as '{name}' ({cfg.run.epochs} epochs, {cfg.run.num_workers} worker(s))", flush=True)
     result = training.fit(cfg, name, tracking=handle.as_payload())
 

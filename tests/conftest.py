@@ -1,4 +1,3 @@
-import os
 
 import pytest
 
@@ -14,9 +13,10 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the integration tests of a session (2 CPUs, like CI)."""
+    """A local Ray instance for the integration tests of one module (2 CPUs, like CI); shut down
+    after the module, so that a test starting its own Ray head has the machine to itself."""
     import ray
 
     if not ray.is_initialized():

@@ -96,17 +96,24 @@ def read_back(ctx, path):
     return {"text": Path(path).read_text(), "path": path}
 
 
-def sleeper(ctx):
-    t0 = time.time()
-    time.sleep(ctx.config["sleep"])
-    return {"start": t0, "end": time.time(), "pid": os.getpid()}
+def rendezvous(ctx):
+    """Announce itself, then wait until the partner step has announced too: only possible when
+    both run at the same time (a deadline turns a serial schedule into a failure, not a hang)."""
+    folder = Path(ctx.config["folder"])
+    (folder / ctx.config["me"]).touch()
+    deadline = time.time() + 120
+    while not (folder / ctx.config["partner"]).exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{ctx.config['me']}: partner {ctx.config['partner']} never started")
+        time.sleep(0.05)
+    return {"pid": os.getpid()}
 
 
 if __name__ != "tests.test_dag":
     # pytest imports this file as `test_dag`, a name Ray workers cannot import: use the same
     # functions from `tests.test_dag` (importable everywhere), which also keeps cache keys the same
     # in a subprocess that imports them from there.
-    from tests.test_dag import add, combine, crashes_once, double, flaky, not_json, read_back, sleeper, source, whoami, write_files  # noqa: F811
+    from tests.test_dag import add, combine, crashes_once, double, flaky, not_json, read_back, rendezvous, source, whoami, write_files  # noqa: F811
 
 
 def diamond(tmp: Path, n: int = 3, note: str = "", k: int = 1) -> list[Step]:
@@ -405,8 +412,11 @@ def test_same_work_under_another_name_is_shared(tmp_path, ray_local):
 
 
 def test_independent_steps_run_concurrently(tmp_path, ray_local):
-    steps = [Step("s1", sleeper, {"sleep": 1.5, "i": 1}), Step("s2", sleeper, {"sleep": 1.5, "i": 2})]
+    folder = str(tmp_path)
+    steps = [
+        Step("s1", rendezvous, {"folder": folder, "me": "a", "partner": "b"}, retries=0),
+        Step("s2", rendezvous, {"folder": folder, "me": "b", "partner": "a"}, retries=0),
+    ]
     res = dag.run(steps, tmp_path / "cache", log=lambda s: None)
-    s1, s2 = res["s1"], res["s2"]
-    assert max(s1["start"], s2["start"]) < min(s1["end"], s2["end"])  # the two intervals overlap
-    assert s1["pid"] != s2["pid"]
+    assert res.ok, [r.error for r in res.records]  # each waited for the other: they ran together
+    assert res["s1"]["pid"] != res["s2"]["pid"]

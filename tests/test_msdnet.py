@@ -16,7 +16,7 @@ from dynlab.data import static_info
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo
 from methods.backbones.common import block_layer_counts, scale_grad
-from methods.backbones.msdnet import DenseLayer, ExitHead, MSDNet, MSDNetConfig, Transition, build_msdnet, layer_scales
+from methods.backbones.msdnet import DenseLayer, MSDNet, MSDNetConfig, Transition, build_msdnet, layer_scales
 
 MSDNET_PRESETS = sorted(n for n, p in registry.PRESETS.items() if p.backbone == "msdnet")
 DIGITS = static_info("digits")

@@ -5,13 +5,12 @@ results are. Errors caused by input are one clear line (no traceback) and exit c
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import typing
 from typing import Callable
 
 from dynlab import config as config_mod
-from dynlab import registry, tracking
+from dynlab import cluster, registry, tracking
 from dynlab.errors import DynlabError, input_error
 
 
@@ -31,29 +30,6 @@ def usage(doc: str) -> str:
     return "\n".join(lines)
 
 
-_STARTED_RAY = False
-
-
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` (a cluster, or the job's) or start a local Ray, once; lazily, so
-    a pipeline served entirely from cache never pays Ray's start-up."""
-    global _STARTED_RAY
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-        _STARTED_RAY = True
-
-
-def _stop_ray() -> None:
-    global _STARTED_RAY
-    if _STARTED_RAY:
-        import ray
-
-        ray.shutdown()
-        _STARTED_RAY = False
-
-
 def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.RunHandle, str], dict], default_experiment: str, plugins: typing.Sequence[str] = ("methods",)) -> int:
     """Resolve and check the config inside a guarded MLflow run (so bad input gives a FAILED run and
     one clear line), then start Ray and run ``body(cfg, handle, name)``."""
@@ -71,7 +47,8 @@ def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.
     experiment = str(short.get("run.experiment") or default_experiment)
     method = str(short.get("method", config_mod.Config.method))
     dataset = str(short.get("data.name", "digits"))
-    name = str(short.get("run.name") or f"{method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    prefix = default_experiment if default_experiment != "dynlab-train" else method
+    name = str(short.get("run.name") or f"{prefix}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = {**overrides, "run.name": name} if "name" not in overrides else overrides
     if "run.experiment" not in short:
         overrides["run.experiment"] = experiment
@@ -94,7 +71,7 @@ def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.
         print(f"[dynlab] MLflow run {handle.run_id} marked FAILED ({uri})")
         return 2
     finally:
-        _stop_ray()
+        cluster.stop_if_started()
     report(out, handle, uri, name)
     return 0
 

@@ -29,7 +29,6 @@ import dataclasses
 import graphlib
 import hashlib
 import json
-import math
 import numbers
 import os
 import re
@@ -371,13 +370,11 @@ _REMOTE = None
 
 def _ensure_ray(log: Callable[[str], Any]):
     """Ray, initialised (``RAY_ADDRESS`` or a local instance) only now that a task must run."""
-    import ray
+    from dynlab.cluster import ensure_ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        log(f"[dag] starting Ray ({address or 'local'})")
-        ray.init(address=address)
-    return ray
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        log(f"[dag] starting Ray ({os.environ.get('RAY_ADDRESS') or 'local'})")
+    return ensure_ray()
 
 
 # --- the runner --------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
         tags={"dynlab.trial": spec["id"], "dynlab.trial_label": spec["label"], "dynlab.train_key": spec["train_key"]},
         parent_run_id=parent["run_id"],
         resume_key=f"{name}@{parent['run_id']}",
+        uri=parent["uri"],
     )
     with tracking.run_guard(handle):
         tracking.log_config(handle, cfg)
@@ -166,7 +167,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
     todo = [t for t in trials if cached_training(cache, t.train_key) is None]
     errors: dict[str, str] = {}
     if todo:
-        from dynlab.cli import ensure_ray
+        from dynlab.cluster import ensure_ray
 
         ensure_ray()
         print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {base.sweep.max_concurrent} at a time", flush=True)

@@ -130,9 +130,10 @@ class RunHandle:
         client(self.uri).set_terminated(self.run_id, status)
 
 
-def open_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None, resume_key: str | None = None) -> RunHandle:
-    """Create a run, or reopen the unfinished run with the same ``resume_key`` (a resumed training)."""
-    uri = tracking_uri()
+def open_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None, resume_key: str | None = None, uri: str | None = None) -> RunHandle:
+    """Create a run, or reopen the unfinished run with the same ``resume_key`` (a resumed training).
+    In a Ray worker pass ``uri`` (the driver's): a worker's environment and folder are not the driver's."""
+    uri = uri or tracking_uri()
     exp_id = experiment_id(experiment, uri)
     c = client(uri)
     tags = {k: str(v) for k, v in (tags or {}).items()}

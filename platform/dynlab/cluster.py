@@ -1,0 +1,45 @@
+"""Connecting to Ray: the cluster named by ``RAY_ADDRESS`` (a cluster, or the one ``ray job
+submit`` runs in), else a local instance. Started lazily, so a pipeline served from cache never
+pays Ray's start-up."""
+
+from __future__ import annotations
+
+import os
+
+_STARTED_RAY = False
+
+
+def ensure_ray():
+    """Connect to ``RAY_ADDRESS`` or start a local Ray, once."""
+    global _STARTED_RAY
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=runtime_env())
+        _STARTED_RAY = True
+    return ray
+
+
+def runtime_env() -> dict | None:
+    """Ship ``dynlab`` to every Ray worker when it is not installed, e.g. under
+    ``ray job submit --working-dir .`` (the working dir carries methods/ and pipelines/, but
+    dynlab lives in platform/, which is not on the workers' path)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import dynlab
+
+    try:
+        importlib.metadata.distribution("dynlab")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        return {"py_modules": [str(Path(dynlab.__file__).resolve().parent)]}
+
+
+def stop_if_started() -> None:
+    global _STARTED_RAY
+    if _STARTED_RAY:
+        import ray
+
+        ray.shutdown()
+        _STARTED_RAY = False

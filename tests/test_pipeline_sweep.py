@@ -1,0 +1,65 @@
+"""The sweep pipeline end to end: Ray Tune trials trained by Ray Train, the DAG cache, MLflow layout."""
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from dynlab import config, pipeline, sweeps, tracking
+
+TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2", "data.heldout=200", "epochs=1", "eval.num_budgets=2", "sweep.max_concurrent=2", "eval.p_grid=false"]
+
+
+def children(client, parent):
+    return client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+
+
+@pytest.mark.slow
+def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failures(in_tmp, ray_local):
+    base = config.cli_config(TINY)
+    # two good trials and one whose config fails inside its worker (3 temperatures for 2 exits)
+    trials = sweeps.expand(base, grid={"boostnet.temperature": [0.0, 0.5]}, extra=[{"boostnet.temperatures": [1.0, 2.0, 3.0]}])
+    assert [t.id for t in trials] == ["temperature=0.0", "temperature=0.5", "temperatures=[1.0-2.0-3.0]"]
+
+    parent = tracking.open_run("sweep-test", "first")
+    out = pipeline.run(base, trials, parent, "sweep-test", "test")
+    parent.end()
+    table = out["comparison"]
+    assert list(table["trial"]) == [t.id for t in trials]  # one row per trial
+    assert list(table["status"]) == ["ok", "ok", "error"]
+    assert "boostnet.temperatures" in table["error"].iloc[2]
+    assert table[["acc_exit0", "acc_exit1"]].iloc[:2].notna().all().all()
+    assert sorted(out["trained"]) == ["temperature=0.0", "temperature=0.5"]
+
+    client = MlflowClient(tracking.tracking_uri())
+    kids = {r.data.tags["dynlab.trial"]: r for r in children(client, parent)}
+    assert set(kids) == {t.id for t in trials}
+    assert kids["temperatures=[1.0-2.0-3.0]"].info.status == "FAILED"
+    for tid in ("temperature=0.0", "temperature=0.5"):
+        run = kids[tid]
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "heldout/acc_out1")) == 1  # training curve
+        assert len(client.get_metric_history(run.info.run_id, "anytime/test_accuracy")) == 2  # evaluation
+        paths = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert "evaluation/curves.png" in paths and "evaluation/budgeted.parquet" in paths
+    report = {f.path for f in client.list_artifacts(parent.run_id, "report")}
+    assert {"report/comparison.png", "report/comparison.csv", "report/comparison.parquet"} <= report
+    assert {f.path for f in client.list_artifacts(parent.run_id, "dag")} == {"dag/graph.txt", "dag/steps.json"}
+
+    # the same pipeline again: served from cache, nothing trained, no prediction or evaluation rerun
+    good = trials[:2]
+    again = tracking.open_run("sweep-test", "second")
+    out2 = pipeline.run(base, good, again, "sweep-test", "test")
+    dag2 = out2["dag"]
+    assert out2["trained"] == []
+    assert sorted(dag2.cached) == sorted(f"{s}[{t.id}]" for s in ("predict", "evaluate") for t in good)
+    assert children(client, again) == []  # no trial ran, so no new child runs
+    pd.testing.assert_frame_equal(out2["comparison"], table.iloc[:2].drop(columns=["error"]).assign(error=""), check_like=True, check_dtype=False)
+
+    # one evaluation knob changed: predictions stay cached, evaluations and the report rerun
+    changed = base.with_overrides(["eval.num_budgets=3"])
+    out3 = pipeline.run(changed, sweeps.expand(changed, grid={"boostnet.temperature": [0.0, 0.5]}), tracking.open_run("sweep-test", "third"), "sweep-test", "test")
+    dag3 = out3["dag"]
+    assert out3["trained"] == []
+    assert sorted(dag3.cached) == ["predict[temperature=0.0]", "predict[temperature=0.5]"]
+    assert sorted(n for n in dag3.ran if n.startswith("evaluate")) == ["evaluate[temperature=0.0]", "evaluate[temperature=0.5]"]
+    assert sum(c.startswith("acc@") for c in out3["comparison"].columns) == 3
