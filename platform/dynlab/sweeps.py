@@ -188,7 +188,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         for r in grid:
             if r.error is not None:
                 errors[r.config["trial"]] = _short_error(r.error)
-        _close_open_children(parent, experiment)
+        close_open_children(parent, experiment)
     rows = []
     for t in trials:
         done = cached_training(cache, t.train_key)
@@ -218,7 +218,7 @@ def _short_error(err: BaseException) -> str:
     return text.strip().splitlines()[-1][:500] if cause is None else text[:500]
 
 
-def _close_open_children(parent: tracking.RunHandle, experiment: str) -> None:
+def close_open_children(parent: tracking.RunHandle, experiment: str) -> None:
     """Tune kills trials it stops early before their runs are closed: mark those KILLED."""
     client = tracking.client(parent.uri)
     for run in client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"):
