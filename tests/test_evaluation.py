@@ -27,13 +27,6 @@ from dynlab.evaluation import (
 from dynlab.predictions import ExitPredictions, GatedPredictions, SubnetPredictions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are small: intra-op threads only add contention on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ----------------------------------------------------------------------------------------------
 # plain-Python reference, written straight from REFERENCE.md section 2, steps 3 and 4

@@ -45,3 +45,14 @@ def test_torch_load_is_always_weights_only():
                 if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                     bad.append(f"{path.name}:{node.lineno}")
     assert bad == []
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_launcher_config():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # Ray's own schema; raises on a bad field
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # nothing on a public address
+    assert "RAY_AUTH_MODE=token" in head

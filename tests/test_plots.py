@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dynlab.evaluation import anytime, budgeted
 from dynlab.plots import plot_evaluation, plot_overlay
 from dynlab.predictions import ExitPredictions, GatedPredictions, SubnetPredictions
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are small: intra-op threads only add contention on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

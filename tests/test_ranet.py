@@ -83,7 +83,6 @@ def test_preset_builds_forwards_and_costs_increase(name):
     assert all(b > a for a, b in zip(t.macs, t.macs[1:])), t.macs
     assert all(b > a for a, b in zip(t.params, t.params[1:])), t.params
     assert t.params[-1] == sum(q.numel() for q in model.parameters())  # every module runs once
-    assert torch.equal(model.exit_costs, torch.tensor(t.macs, dtype=torch.float64))
     # orders of magnitude of the published RANet curves: CIFAR ~1e7..1e8 MACs, ImageNet ~1e8..1e9..
     if p.dataset == "cifar100":
         assert 3e6 < t.macs[0] < 3e7 and 3e7 < t.macs[-1] < 5e8

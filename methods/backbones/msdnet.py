@@ -281,13 +281,6 @@ class MSDNet(nn.Module):
         init_weights(self)
         self.cost_table: costs.CostTable | None = None
 
-    @property
-    def exit_costs(self) -> torch.Tensor:
-        """Cumulative multiply-adds of every exit (measured at build)."""
-        if self.cost_table is None:
-            raise RuntimeError("MSDNet.exit_costs: costs not measured (build with build_msdnet)")
-        return torch.tensor(self.cost_table.macs, dtype=torch.float64)
-
     def _run(self, x: torch.Tensor, with_features: bool):
         logits, feats_out = [], []
         feats = x

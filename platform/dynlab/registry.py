@@ -35,7 +35,9 @@ class DatasetInfo:
 
 @runtime_checkable
 class Method(Protocol):
-    """A training recipe. Instances are built as ``cls(method_config, backbone_config)``.
+    """A training recipe. Instances are built as ``cls(cfg)`` from the resolved
+    :class:`dynlab.config.Config`: ``cfg.method_cfg`` is the method's own dataclass, ``cfg.backbone``
+    and ``cfg.backbone_cfg`` name and configure the backbone.
 
     ``train_step`` computes its losses and calls ``backward(loss)`` once or more; the platform owns
     optimisers, AMP, DDP, clipping and logging. ``predict`` returns one of the three prediction
@@ -52,7 +54,7 @@ class Method(Protocol):
 @dataclass
 class MethodEntry:
     name: str
-    cls: type  # implements Method; constructed as cls(method_cfg, backbone_name, backbone_cfg)
+    cls: type  # implements Method; constructed as cls(cfg)
     config_cls: type
     backbones: tuple[str, ...] = ()  # backbones it supports; empty = any
     description: str = ""
