@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from dynlab import cli, pipeline, sweeps
+from dynlab import pipeline, sweeps
 
 EXPERIMENT = "ablation_batch_size"
 AXIS = "data.batch_size"
@@ -25,12 +25,12 @@ def trials(cfg) -> list[sweeps.Trial]:
     return sweeps.expand(cfg, grid={AXIS: [int(v) for v in cfg.sweep.values] or DEFAULT_GRID})
 
 
-def body(cfg, handle, name):
-    return pipeline.run(cfg, trials(cfg), handle, EXPERIMENT, f"{cfg.method}: batch size on {cfg.backbone} / {cfg.data.name}")
+def title(cfg) -> str:
+    return f"{cfg.method}: batch size on {cfg.backbone} / {cfg.data.name}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(__doc__, sys.argv[1:] if argv is None else argv, body, default_experiment=EXPERIMENT)
+    return pipeline.main(__doc__, EXPERIMENT, trials, title, argv)
 
 
 if __name__ == "__main__":

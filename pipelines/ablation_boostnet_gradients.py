@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from dynlab import cli, pipeline, sweeps
+from dynlab import pipeline, sweeps
 
 EXPERIMENT = "ablation_boostnet_gradients"
 GRID = {"boostnet.gradient_rescale": [True, False], "boostnet.trainable_prev": [False, True]}
@@ -24,12 +24,12 @@ def trials(cfg) -> list[sweeps.Trial]:
     return sweeps.expand(cfg, grid=GRID)
 
 
-def body(cfg, handle, name):
-    return pipeline.run(cfg, trials(cfg), handle, EXPERIMENT, f"BoostNet gradients on {cfg.backbone} / {cfg.data.name}")
+def title(cfg) -> str:
+    return f"BoostNet gradients on {cfg.backbone} / {cfg.data.name}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(__doc__, sys.argv[1:] if argv is None else argv, body, default_experiment=EXPERIMENT)
+    return pipeline.main(__doc__, EXPERIMENT, trials, title, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from dynlab import cli, pipeline, sweeps
+from dynlab import pipeline, sweeps
 
 EXPERIMENT = "ablation_temperature"
 AXIS = "boostnet.temperature"
@@ -29,13 +29,12 @@ def trials(cfg) -> list[sweeps.Trial]:
     return sweeps.expand(cfg, grid=grid, extra=[BASELINE] if cfg.sweep.baseline else [])
 
 
-def body(cfg, handle, name):
-    title = f"BoostNet temperature on {cfg.backbone} / {cfg.data.name}"
-    return pipeline.run(cfg, trials(cfg), handle, EXPERIMENT, title)
+def title(cfg) -> str:
+    return f"BoostNet temperature on {cfg.backbone} / {cfg.data.name}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(__doc__, sys.argv[1:] if argv is None else argv, body, default_experiment=EXPERIMENT)
+    return pipeline.main(__doc__, EXPERIMENT, trials, title, argv)
 
 
 if __name__ == "__main__":

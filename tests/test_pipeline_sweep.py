@@ -63,3 +63,21 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
     assert sorted(dag3.cached) == ["predict[temperature=0.0]", "predict[temperature=0.5]"]
     assert sorted(n for n in dag3.ran if n.startswith("evaluate")) == ["evaluate[temperature=0.0]", "evaluate[temperature=0.5]"]
     assert sum(c.startswith("acc@") for c in out3["comparison"].columns) == 3
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_its_trial_from_the_checkpoint(in_tmp, ray_local):
+    base = config.cli_config([*TINY, "epochs=2"])
+    trials = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
+    killed = [sweeps.Trial(**{**t.__dict__, "config": t.cfg().with_overrides(["run.kill_after_epoch=0"]).to_dict()}) for t in trials]
+    assert killed[0].train_key == trials[0].train_key  # fault injection does not change what is trained
+
+    first = sweeps.run(base, killed, tracking.open_run("resume-test", "first"), "resume-test")
+    assert list(first.table["status"]) == ["error"] and first.trained == []
+
+    parent = tracking.open_run("resume-test", "second")
+    second = sweeps.run(base, trials, parent, "resume-test")
+    assert list(second.table["status"]) == ["ok"] and second.trained == [trials[0].id]
+    (child,) = children(MlflowClient(tracking.tracking_uri()), parent)
+    assert child.data.tags["dynlab.resumed_at_epoch"] == "1"  # epoch 1 was not trained again
+    assert second.table["best_epoch"].iloc[0] in (0, 1)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -147,6 +148,17 @@ def build(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.
         )
     )
     return out
+
+
+def main(doc: str, experiment: str, trials: Callable[[config_mod.Config], list[sweeps.Trial]], title: Callable[[config_mod.Config], str], argv: list[str] | None = None) -> int:
+    """The command line of a sweep pipeline module: ``key=value`` arguments -> base config ->
+    ``trials(base)`` -> :func:`run`, inside a guarded parent run of experiment ``experiment``."""
+    from dynlab import cli
+
+    def body(cfg, handle, name):
+        return run(cfg, trials(cfg), handle, experiment, title(cfg))
+
+    return cli.main(doc, sys.argv[1:] if argv is None else argv, body, default_experiment=experiment)
 
 
 def run(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str] | None = None) -> dict:
