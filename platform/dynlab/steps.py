@@ -37,7 +37,6 @@ class Evaluation:
 def predict(cfg, checkpoint_dir: str, plugins: list[str] | None = None) -> PredictionTables:
     """Load the selected (best held-out) weights and predict the held-out and test splits."""
     training.import_plugins(plugins or ["methods"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle = data_mod.build_datasets(cfg.data, cfg.run.seed)
     method, model = training.load_trained(cfg, checkpoint_dir, bundle.info)
     device = torch.device("cuda") if cfg.run.use_gpu and torch.cuda.is_available() else torch.device("cpu")

@@ -27,7 +27,7 @@ import pandas as pd
 
 from dynlab import config as config_mod
 from dynlab import tracking, training
-from dynlab.errors import input_error
+from dynlab.errors import ConfigError, input_error
 
 TRAIN_CACHE = "train"
 RESULT_FILE = "result.json"
@@ -97,10 +97,10 @@ def expand(
 def cache_root(cfg: config_mod.Config) -> Path:
     if cfg.sweep.cache_dir:
         return Path(cfg.sweep.cache_dir).expanduser().resolve()
-    storage = cfg.run.storage_path or training.default_storage()
+    storage = training.storage_path(cfg)
     if "://" in storage:
-        raise ValueError("sweep.cache_dir must be a local or shared folder when run.storage_path is remote")
-    return Path(storage).expanduser().resolve() / "cache"
+        raise ConfigError("sweep.cache_dir", cfg.sweep.cache_dir, f"a local or shared folder, since run.storage_path={storage!r} is remote")
+    return Path(storage) / "cache"
 
 
 def cached_training(cache: Path, train_key: str) -> dict | None:
@@ -171,13 +171,13 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
 
         ensure_ray()
         print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {base.sweep.max_concurrent} at a time", flush=True)
-        specs = {t.id: {"id": t.id, "label": t.label, "config": t.config, "train_key": t.train_key} for t in todo}
+        storage = training.storage_path(base)
+        # absolute here, in the driver: a trial runs in its own folder, where "./dynlab_runs" is elsewhere
+        specs = {t.id: {"id": t.id, "label": t.label, "config": {**t.config, "run": {**t.config["run"], "storage_path": storage}}, "train_key": t.train_key} for t in todo}
         fn = tune.with_parameters(train_trial, specs=specs, parent=parent.as_payload(), experiment=experiment, cache=str(cache), plugins=plugins)
         scheduler = None
         if base.sweep.asha:
             scheduler = tune.schedulers.ASHAScheduler(metric="heldout/acc_mean", mode="max", max_t=base.run.epochs, grace_period=base.sweep.grace_period)
-        storage = base.run.storage_path or training.default_storage()
-        storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
         tuner = tune.Tuner(
             tune.with_resources(fn, {"CPU": base.sweep.trial_cpus}),
             param_space={"trial": tune.grid_search([t.id for t in todo])},

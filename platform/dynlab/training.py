@@ -291,8 +291,11 @@ class FitResult:
     name: str
 
 
-def default_storage() -> str:
-    return str((Path.cwd() / "dynlab_runs").resolve())
+def storage_path(cfg) -> str:
+    """``run.storage_path`` made absolute (default ``./dynlab_runs``); URIs (s3://, gs://) as given.
+    Resolve it in the driver: Ray workers and Tune trials run in folders of their own."""
+    storage = cfg.run.storage_path or "dynlab_runs"
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 CHECKPOINT_FILES = (STATE_FILE, BEST_FILE, "config.yaml")
@@ -311,8 +314,7 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage = cfg.run.storage_path or default_storage()
-    storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    storage = storage_path(cfg)
     local_storage = "://" not in storage
     resume = latest_checkpoint(Path(storage) / name) if local_storage else None  # remote storage: Ray restores
     if resume is not None:
