@@ -49,10 +49,28 @@ def test_training_cache_is_published_atomically(tmp_path):
     assert list((cache / ".tmp").iterdir()) == []
 
 
-def test_runs_of_trials_stopped_early_are_closed(in_tmp):
+def test_trials_stopped_by_the_scheduler_are_closed_or_salvaged(in_tmp):
+    """Tune kills a trial's actor when its scheduler stops it: before the last epoch the run is
+    closed KILLED; after the last epoch (ASHA at max_t) the finished training is published."""
+    import torch
+
+    from dynlab import training
+
+    base = config.cli_config(["epochs=2"])
+    early, late = sweeps.expand(base, grid={"boostnet.temperature": [0.0, 0.5]})
     parent = tracking.open_run("close-test", "parent")
-    stopped = tracking.open_run("close-test", "trial", parent_run_id=parent.run_id)
-    finished = tracking.open_run("close-test", "trial2", parent_run_id=parent.run_id)
-    finished.end()
-    sweeps.close_open_children(parent, "close-test")
-    assert stopped.status() == "KILLED" and finished.status() == "FINISHED" and parent.status() == "RUNNING"
+    runs = {t.id: tracking.open_run("close-test", t.id, tags={"dynlab.trial": t.id}, parent_run_id=parent.run_id) for t in (early, late)}
+    runs[late.id].end("FAILED")  # how Tune's stop reaches a trial function: an exception in fit()
+    storage = str(in_tmp / "runs")
+    for t, last_epoch in ((early, 0), (late, 1)):
+        ckpt = in_tmp / "runs" / sweeps.train_run_name("close-test", t.train_key) / f"epoch_{last_epoch:04d}"
+        ckpt.mkdir(parents=True)
+        torch.save({"epoch": last_epoch, "best_score": 90.0, "best_epoch": last_epoch}, ckpt / training.STATE_FILE)
+        torch.save({}, ckpt / training.BEST_FILE)
+        (ckpt / "config.yaml").write_text(t.cfg().to_yaml())
+    cache = in_tmp / "cache"
+    sweeps.finish_stopped_trials([early, late], parent, "close-test", storage, cache)
+    assert runs[early.id].status() == "KILLED" and sweeps.cached_training(cache, early.train_key) is None
+    assert runs[late.id].status() == "FINISHED"
+    assert sweeps.cached_training(cache, late.train_key)["run_id"] == runs[late.id].run_id
+    assert parent.status() == "RUNNING"

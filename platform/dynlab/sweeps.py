@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from dynlab import config as config_mod
 from dynlab import tracking, training
@@ -137,7 +138,7 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
     training.import_plugins(plugins)
     spec = specs[tune_config["trial"]]
     cfg = config_mod.from_dict(spec["config"])
-    name = f"{experiment}-{spec['train_key']}"  # same training => same Train run => resumes
+    name = train_run_name(experiment, spec["train_key"])
     handle = tracking.open_run(
         experiment,
         spec["id"],
@@ -150,6 +151,34 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
         tracking.log_config(handle, cfg)
         result = training.fit(cfg, name, tracking=handle.as_payload(), plugins=plugins, callbacks=[TuneReportCallback()])
         publish_training(Path(cache), spec["train_key"], result.checkpoint_dir, {"train_key": spec["train_key"], "run_id": handle.run_id, "metrics": result.metrics})
+
+
+def train_run_name(experiment: str, train_key: str) -> str:
+    """The Ray Train run of a trial: the same training gets the same run, and so resumes it."""
+    return f"{experiment}-{train_key}"
+
+
+def finish_stopped_trials(trials: list[Trial], parent: tracking.RunHandle, experiment: str, storage: str, cache: Path) -> None:
+    """After Tune, for trials that neither raised nor published: a scheduler (ASHA) stopped them.
+    Stopped after their last epoch (ASHA stops at max_t, before the trial function returns), the
+    training is complete: publish it from its last checkpoint and close its run FINISHED. Stopped
+    earlier: close the run KILLED, tagged stopped_early. No trial run is left RUNNING."""
+    client = tracking.client(parent.uri)
+    children = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    runs = {r.data.tags.get("dynlab.trial"): r for r in children}
+    for t in trials:
+        run = runs.get(t.id)
+        if cached_training(cache, t.train_key) is not None:
+            continue
+        last = training.latest_checkpoint(Path(storage) / train_run_name(experiment, t.train_key)) if "://" not in storage else None
+        state = torch.load(last / training.STATE_FILE, map_location="cpu", weights_only=True) if last else None
+        complete = state is not None and state["epoch"] == t.cfg().run.epochs - 1
+        if complete:
+            metrics = {"best_score": state["best_score"], "best_epoch": state["best_epoch"]}
+            publish_training(cache, t.train_key, str(last), {"train_key": t.train_key, "run_id": run.info.run_id if run else "", "metrics": metrics})
+        if run is not None:
+            client.set_tag(run.info.run_id, "dynlab.stopped_by_scheduler", "after the last epoch" if complete else "early")
+            client.set_terminated(run.info.run_id, "FINISHED" if complete else "KILLED")
 
 
 @dataclass
@@ -188,7 +217,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         for r in grid:
             if r.error is not None:
                 errors[r.config["trial"]] = _short_error(r.error)
-        close_open_children(parent, experiment)
+        finish_stopped_trials([t for t in todo if t.id not in errors], parent, experiment, storage, cache)
     rows = []
     for t in trials:
         done = cached_training(cache, t.train_key)
@@ -204,7 +233,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
                 "train_key": t.train_key,
                 "run_id": (done or {}).get("run_id", ""),
                 "checkpoint_dir": (done or {}).get("checkpoint_dir", ""),
-                "heldout_acc_mean": metrics.get("heldout/acc_mean", float("nan")),
+                "heldout_acc_best": metrics.get("best_score", float("nan")),
                 "best_epoch": metrics.get("best_epoch", float("nan")),
                 **{f"param:{k}": str(v) for k, v in t.overrides.items()},
             }
@@ -216,11 +245,3 @@ def _short_error(err: BaseException) -> str:
     cause = input_error(err)
     text = str(cause) if cause is not None else f"{type(err).__name__}: {err}"
     return text.strip().splitlines()[-1][:500] if cause is None else text[:500]
-
-
-def close_open_children(parent: tracking.RunHandle, experiment: str) -> None:
-    """Tune kills trials it stops early before their runs are closed: mark those KILLED."""
-    client = tracking.client(parent.uri)
-    for run in client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, "dynlab.stopped_early", "true")
-        client.set_terminated(run.info.run_id, "KILLED")
