@@ -68,3 +68,11 @@ def test_best_checkpoint_uses_heldout_not_test(in_tmp):
         for k in best:
             torch.testing.assert_close(best[k], state["model"][k])
     assert result.metrics["best_score"] == pytest.approx(max(result.metrics["best_score"], result.metrics["heldout/acc_mean"]))
+
+
+def test_long_epochs_print_progress_within_the_epoch(in_tmp, capfd, monkeypatch):
+    monkeypatch.setattr(training, "PROGRESS_SECONDS", 0.0)
+    cfg = config.cli_config(["method=joint", "msdnet.n_blocks=2", "epochs=1", *SMALL])
+    training.fit(cfg, "progress")
+    out = capfd.readouterr().out
+    assert "epoch 1/1  step 1/" in out and "img/s" in out

@@ -35,6 +35,7 @@ from dynlab import config as config_mod
 from dynlab.predictions import ExitPredictions, GatedPredictions, Predictions, SubnetPredictions, concat
 
 STATE_FILE = "state.pt"
+PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
 BEST_FILE = "best.pt"
 
 
@@ -195,7 +196,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.train()
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        for images, targets in loader:
+        last_note = time.time()
+        for step, (images, targets) in enumerate(loader):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -207,8 +209,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             scaler.update()
             n = targets.shape[0]
             seen += n
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + torch.as_tensor(v, dtype=torch.float64).detach().cpu() * n
+            for k, v in metrics.items():  # summed on the device: no host sync per step
+                v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=device)
+                sums[k] = sums.get(k, 0) + v * n
+            if rank == 0 and time.time() - last_note > PROGRESS_SECONDS:  # long epochs show progress
+                last_note = time.time()
+                loss = float(sums["loss"]) / seen if "loss" in sums else float("nan")
+                _progress(f"epoch {epoch + 1}/{cfg.run.epochs}  step {step + 1}/{len(loader)}  loss {loss:.4f}  {seen / (last_note - t0):.0f} img/s")
         scheduler.step()
         train_metrics = {f"train/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
         if world > 1:  # average over ranks
