@@ -77,17 +77,14 @@ def scalar_columns(df: pd.DataFrame) -> pd.DataFrame:
 def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:
     """Everything a run leaves: tables, curves as metrics on a cost axis, the figure, the checkpoint.
     Written to a temporary folder first and logged only when complete."""
-    summary: dict[str, float] = {}
+    points: list[tuple[str, float, int]] = []
     for _, row in ev.anytime.iterrows():
         if "index" in row and pd.notna(row.get("cost")):
-            handle.log_metrics({"anytime/test_accuracy": row["accuracy"]}, step=cost_step(row["cost"]))
-            summary[f"test/acc_out{int(row['index'])}"] = float(row["accuracy"])
-            summary[f"test/mmacs_out{int(row['index'])}"] = float(row["cost"]) / 1e6
+            i = int(row["index"])
+            points += [("anytime/test_accuracy", row["accuracy"], cost_step(row["cost"])), (f"test/acc_out{i}", row["accuracy"], 0), (f"test/mmacs_out{i}", row["cost"] / 1e6, 0)]
     if ev.budgeted is not None:
-        for mode, part in ev.budgeted.groupby("mode"):
-            for _, row in part.sort_values("test_cost").iterrows():
-                handle.log_metrics({f"budgeted_{mode}/test_accuracy": row["test_accuracy"]}, step=cost_step(row["test_cost"]))
-    handle.log_metrics(summary)
+        points += [(f"budgeted_{r['mode']}/test_accuracy", r["test_accuracy"], cost_step(r["test_cost"])) for _, r in ev.budgeted.sort_values("test_cost").iterrows()]
+    handle.log_points(points)
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)

@@ -80,10 +80,14 @@ class RunHandle:
         return {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id}
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_points([(k, v, step) for k, v in metrics.items()])
+
+    def log_points(self, points: list[tuple[str, float, int]]) -> None:
+        """Many ``(key, value, step)`` metric points in few requests (a curve on a cost axis)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, int(step)) for k, v, step in points]
         c = client(self.uri)
         for i in range(0, len(items), 500):
             c.log_batch(self.run_id, metrics=items[i : i + 500])
