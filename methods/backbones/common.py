@@ -1,4 +1,4 @@
-"""Pieces shared by the early-exit backbones (MSDNet now, RANet later)."""
+"""Pieces shared by the early-exit backbones (MSDNet, RANet)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,22 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def run_head(head: nn.Module, x: torch.Tensor, logits: list, features: list | None = None) -> None:
+    """Apply an exit head (``features`` then ``linear``); with a ``features`` list, also keep the
+    pooled features its Linear reads (IMTA's phase II builds on them)."""
+    if features is None:
+        logits.append(head(x))
+    else:
+        pooled = head.features(x)
+        features.append(pooled)
+        logits.append(head.linear(pooled))
+
+
+def with_exit_costs(model: nn.Module, info) -> nn.Module:
+    """Measure the cumulative cost of every exit (``model.heads``) once, at build, into ``cost_table``."""
+    from dynlab import costs
+
+    model.cost_table = costs.measure_exits(model, (1, info.channels, info.image_size, info.image_size), list(model.heads))
+    return model

@@ -18,7 +18,7 @@ from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.common import ConvBNReLU, PerScale, block_layer_counts, init_weights, scale_grad
+from methods.backbones.common import ConvBNReLU, PerScale, block_layer_counts, init_weights, run_head, scale_grad, with_exit_costs
 
 
 @dataclass
@@ -294,12 +294,7 @@ class MSDNet(nn.Module):
                 feats[-1] = scale_grad(coarse, (k - 1) / k)
             else:
                 head_in = coarse
-            if with_features:
-                pooled = head.features(head_in)
-                feats_out.append(pooled)
-                logits.append(head.linear(pooled))
-            else:
-                logits.append(head(head_in))
+            run_head(head, head_in, logits, feats_out if with_features else None)
         return logits, feats_out
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -313,9 +308,7 @@ class MSDNet(nn.Module):
 @register_backbone("msdnet", MSDNetConfig, description="MSDNet (multi-scale dense network), one exit per block")
 def build_msdnet(cfg: MSDNetConfig, info: DatasetInfo, gradient_rescale: bool = False) -> MSDNet:
     """MSDNet (multi-scale dense network), one exit per block; costs measured into ``cost_table``."""
-    model = MSDNet(cfg, info, gradient_rescale=gradient_rescale)
-    model.cost_table = costs.measure_exits(model, (1, info.channels, info.image_size, info.image_size), list(model.heads))
-    return model
+    return with_exit_costs(MSDNet(cfg, info, gradient_rescale=gradient_rescale), info)
 
 
 # ---- presets (REFERENCE.md "Presets") -------------------------------------------------------------

@@ -48,7 +48,7 @@ from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.common import ConvBNReLU, init_weights
+from methods.backbones.common import ConvBNReLU, init_weights, run_head, with_exit_costs
 from methods.backbones.msdnet import ConvUnit, ExitHead, _conv_out, resolve_variant
 
 log = logging.getLogger(__name__)
@@ -392,12 +392,7 @@ class RANet(nn.Module):
                 if block.plan.exit:
                     head = self.heads[h]
                     h += 1
-                    if with_features:
-                        pooled = head.features(z)
-                        feats_out.append(pooled)
-                        logits.append(head.linear(pooled))
-                    else:
-                        logits.append(head(z))
+                    run_head(head, z, logits, feats_out if with_features else None)
             low = dense_i
         return logits, feats_out
 
@@ -415,9 +410,7 @@ def build_ranet(cfg: RANetConfig, info: DatasetInfo, gradient_rescale: bool = Fa
 
     ``gradient_rescale`` is accepted for the method protocol and ignored (logged): see the module doc.
     """
-    model = RANet(cfg, info, gradient_rescale=gradient_rescale)
-    model.cost_table = costs.measure_exits(model, (1, info.channels, info.image_size, info.image_size), list(model.heads))
-    return model
+    return with_exit_costs(RANet(cfg, info, gradient_rescale=gradient_rescale), info)
 
 
 # ---- presets (REFERENCE.md "Presets") -------------------------------------------------------------
