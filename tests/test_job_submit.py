@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    # token authentication on, with a token of this test's own: a fresh machine has none in ~/.ray
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"]
@@ -43,6 +45,11 @@ def test_ray_job_submit_runs_the_temperature_ablation(tmp_path, ray_head):
         sys.executable, "-m", "pipelines.ablation_temperature", "sweep.values=[0.5]", "sweep.baseline=false", "epochs=1",
         "msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2", "data.heldout=200", "eval.num_budgets=2", f"run.storage_path={tmp_path / 'runs'}",
     ]  # fmt: skip
+    # without the token the cluster refuses the client
+    stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
+    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=stranger, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
