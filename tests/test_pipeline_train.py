@@ -63,6 +63,7 @@ def test_run_killed_after_an_epoch_resumes_from_its_checkpoint(in_tmp, ray_local
         (["method=nosuch"], "error: config 'method' = 'nosuch' is not allowed: expected one of boostnet, joint"),
         (["dataset=imagefolder", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["dataset=cifar100", "data.root=/nonexistent/cifar"], "data.root"),
+        (["eval.budgets=[0.001]"], "error: config 'eval.budgets' = [0.001] is not allowed: expected MMACs per image within"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_failed_run(in_tmp, capsys, args, message):

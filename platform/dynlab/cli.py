@@ -10,7 +10,7 @@ import typing
 from typing import Callable
 
 from dynlab import config as config_mod
-from dynlab import cluster, registry, tracking
+from dynlab import cluster, registry, steps, tracking
 from dynlab.errors import DynlabError, input_error
 
 
@@ -61,7 +61,8 @@ def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.
 
             cfg = config_mod.resolve(overrides)
             tracking.log_config(handle, cfg)
-            data_mod.dataset_info(cfg.data)  # a missing dataset fails here, before any worker starts
+            info = data_mod.dataset_info(cfg.data)  # a missing dataset fails here, before any worker starts
+            steps.check_budgets(cfg, info)
             out = body(cfg, handle, name)
     except BaseException as err:  # noqa: BLE001 - reported, run already marked FAILED by the guard
         cause = input_error(err)

@@ -48,6 +48,21 @@ def predict(cfg, checkpoint_dir: str, plugins: list[str] | None = None) -> Predi
     return PredictionTables(frames["heldout"], frames["test"], [int(i) for i in bundle.heldout_indices])
 
 
+def check_budgets(cfg, info) -> None:
+    """Requested budgets outside [first exit, last exit] fail now, before training, not after it."""
+    if not cfg.eval.budgets:
+        return
+    from dynlab.errors import ConfigError
+    from dynlab.registry import get_method
+
+    table = getattr(get_method(cfg.method).cls(cfg).build_model(info), "cost_table", None)
+    if table is None:  # not an early-exit network: budgets do not apply
+        return
+    lo, hi = table.macs[0] / 1e6, table.macs[-1] / 1e6
+    if any(not lo <= b <= hi for b in cfg.eval.budgets):
+        raise ConfigError("eval.budgets", cfg.eval.budgets, f"MMACs per image within [{lo:.3f}, {hi:.3f}], the costs of the first and last exit of this {cfg.backbone}")
+
+
 def default_budgets(costs: torch.Tensor, n: int) -> list[float]:
     """``n`` budgets evenly spaced strictly inside [first exit cost, last exit cost]."""
     lo, hi = float(costs[0]), float(costs[-1])
