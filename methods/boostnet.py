@@ -50,6 +50,13 @@ class BoostedExits(nn.Module):
     def cost_table(self):  # additions are not counted: the ensemble costs what the backbone costs
         return self.backbone.cost_table
 
+    def exit_step(self, state, k: int):
+        """Block ``k`` of the backbone, then F_k = t_k F_{k-1} + f_k for the samples still running."""
+        inner, prev = (state, None) if k == 0 else state
+        inner, f = self.backbone.exit_step(inner, k)
+        F = f if prev is None else self.temperatures[k - 1].to(f.dtype) * prev + f
+        return (inner, F), F
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         f = self.backbone(x)
         out = [f[0]]

@@ -300,6 +300,12 @@ class MSDNet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self._run(x, False)[0]
 
+    def exit_step(self, state, k: int):
+        """Run only block ``k`` and head ``k`` (inference): ``state`` is the image batch for k = 0,
+        else the multi-scale features of the samples still running. For real early exit."""
+        feats = list(self.blocks[k](state))
+        return feats, self.heads[k](feats[-1])
+
     def forward_with_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-exit logits and the pooled head features each exit's Linear reads."""
         return self._run(x, True)
