@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from dynlab.evaluation import budget_point, calibrate_many, confidence, exit_indices, geometric_distribution, reference_q_grid
+from dynlab.evaluation import budget_point, calibrate_many, confidence, geometric_distribution, reference_q_grid
 
 
 def reference_loops(conf_h, conf_t, pred_t, labels_t, costs, q_grid):
