@@ -8,9 +8,13 @@ from dynlab.registry import get_method
 
 
 def build(method: str, *args):
-    cfg = config.cli_config([f"method={method}", "msdnet.n_blocks=4", *args])
+    cfg = config.cli_config([f"method={method}", *(args or ["msdnet.n_blocks=4"])])
+    return _prepared(get_method(method).cls(cfg))
+
+
+def _prepared(m):
     torch.manual_seed(0)
-    model = get_method(method).cls(cfg).build_model(static_info("digits")).double().eval()
+    model = m.build_model(static_info("digits")).double().eval()
     for m in model.modules():  # random BN statistics, so that exits disagree and confidences spread
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -18,10 +22,11 @@ def build(method: str, *args):
     return model
 
 
+@pytest.mark.parametrize("backbone", ["msdnet", "ranet"])
 @pytest.mark.parametrize("method", ["joint", "boostnet"])
 @pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
-def test_real_early_exit_equals_the_simulated_exits(method, q):
-    model = build(method)
+def test_real_early_exit_equals_the_simulated_exits(method, q, backbone):
+    model = build(method, f"backbone={backbone}", "ranet.n_blocks=2", "ranet.block_step=1") if backbone == "ranet" else build(method)
     x = torch.randn(96, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         logits = torch.stack(model(x))  # every exit for every sample: the simulation
@@ -51,7 +56,7 @@ def test_later_blocks_run_only_for_undecided_samples():
 
 
 def test_models_without_exit_steps_are_refused():
-    cfg = config.cli_config(["method=joint", "backbone=ranet"])
-    model = get_method("joint").cls(cfg).build_model(static_info("digits")).eval()
+    from tests.stand_ins import TwoDepthNet
+
     with pytest.raises(TypeError, match="exit_step"):
-        early_exit(model, torch.randn(2, 3, 32, 32), torch.zeros(model.num_exits))
+        early_exit(TwoDepthNet(10).eval(), torch.randn(2, 3, 32, 32), torch.zeros(2))

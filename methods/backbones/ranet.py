@@ -399,6 +399,28 @@ class RANet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self._run(x, False)[0]
 
+    def exit_step(self, state, e: int):
+        """Run only what exit ``e`` needs beyond exit ``e-1`` (inference, for real early exit).
+        ``state`` is the image batch for e = 0, else ``(stream inputs, dense features of the
+        previous stream, dense features of this stream so far, current features)``."""
+        if e == 0:
+            inputs, low, dense_i, z = self.first(state), [], [], None
+            i, k = 0, 0
+        else:
+            inputs, low, dense_i, z = state
+            i, k = self.exit_blocks[e - 1]
+            k += 1
+        target = self.exit_blocks[e]
+        while True:
+            if k == len(self.streams[i]):  # this stream is done: the next one fuses its features
+                low, dense_i, z, i, k = dense_i, [], None, i + 1, 0
+            block = self.streams[i][k]
+            z, dense = block(inputs[i] if z is None else z, low[k]) if block.fusion else block(inputs[i] if z is None else z)
+            dense_i.append(dense)
+            if (i, k) == target:
+                return (inputs, low, dense_i, z), self.heads[e](z)
+            k += 1
+
     def forward_with_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-exit logits and the pooled head features each exit's Linear reads."""
         return self._run(x, True)

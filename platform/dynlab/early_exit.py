@@ -4,7 +4,7 @@ simulate exits (the whole network always runs and exits are read off afterwards)
 
 A model supports it by exposing ``exit_step(state, k) -> (state, logits)``: run block k and its
 head on ``state`` (the images for k = 0, else whatever step k-1 returned: tensors, or nested
-tuples/lists of tensors with the batch first). The engine drops the samples that exit after each
+tuples/lists of tensors with the batch first, or None). The engine drops the samples that exit after each
 step from every tensor of the state before the next block runs.
 """
 
@@ -19,6 +19,8 @@ from dynlab.evaluation import confidence
 
 
 def _select(state, keep: torch.Tensor):
+    if state is None:
+        return None
     if torch.is_tensor(state):
         return state[keep]
     if isinstance(state, (list, tuple)):
