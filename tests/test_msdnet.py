@@ -15,24 +15,13 @@ from dynlab.costs import measure_total
 from dynlab.data import static_info
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo
+from tests.presets import preset_model
 from methods.backbones.common import block_layer_counts, scale_grad
 from methods.backbones.msdnet import DenseLayer, MSDNet, MSDNetConfig, Transition, build_msdnet, layer_scales
 
 MSDNET_PRESETS = sorted(n for n, p in registry.PRESETS.items() if p.backbone == "msdnet")
 DIGITS = static_info("digits")
-_BUILT: dict[str, MSDNet] = {}  # small (CIFAR) models only; ImageNet ones are tens of M parameters
 _COSTS: dict = {}  # preset -> CostTable
-
-
-def preset_model(name: str) -> MSDNet:
-    if name in _BUILT:
-        return _BUILT[name]
-    p = registry.get_preset(name)
-    cfg = build_section("msdnet", MSDNetConfig, p.values)
-    model = registry.get_backbone("msdnet").build(cfg, static_info(p.dataset))
-    if p.dataset != "imagenet":
-        _BUILT[name] = model
-    return model
 
 
 def preset_costs(name: str):

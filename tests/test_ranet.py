@@ -22,6 +22,7 @@ from dynlab.data import static_info
 from dynlab.errors import ConfigError
 from dynlab.predictions import ExitPredictions
 from dynlab.registry import DatasetInfo
+from tests.presets import preset_model
 from methods.backbones.ranet import (
     FusionBlock,
     FusionLayer,
@@ -38,18 +39,6 @@ from methods.backbones.ranet import (
 ROOT = Path(__file__).resolve().parents[1]
 RANET_PRESETS = sorted(n for n, p in registry.PRESETS.items() if p.backbone == "ranet")
 DIGITS = static_info("digits")
-_BUILT: dict[str, RANet] = {}  # CIFAR presets only; the ImageNet ones are over 100 M parameters
-
-
-def preset_model(name: str) -> RANet:
-    if name in _BUILT:
-        return _BUILT[name]
-    p = registry.get_preset(name)
-    cfg = build_section("ranet", RANetConfig, p.values)
-    model = registry.get_backbone("ranet").build(cfg, static_info(p.dataset))
-    if p.dataset != "imagenet":
-        _BUILT[name] = model
-    return model
 
 
 def test_presets_registered():
