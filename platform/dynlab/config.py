@@ -45,7 +45,7 @@ class RunConfig:
     cpus_per_worker: float = bounded(1.0, 0.0)
     use_gpu: bool = False
     amp: str = choice("none", "none", "bf16", "fp16")
-    max_failures: int = bounded(0, 0, help="worker-group restarts before the run fails")
+    max_failures: int = bounded(3, 0, help="worker-group restarts (from the last checkpoint) before the run fails")
     select: str = choice("best", "best", "last", help="model selection: best held-out accuracy, or last epoch")
     grad_clip: float = bounded(0.0, 0.0, help="max gradient norm; 0 disables")
     storage_path: str = field(default="", metadata={"hash": False, "help": "Ray Train storage; default ./dynlab_runs"})
