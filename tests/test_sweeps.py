@@ -74,3 +74,10 @@ def test_trials_stopped_by_the_scheduler_are_closed_or_salvaged(in_tmp):
     assert runs[late.id].status() == "FINISHED"
     assert sweeps.cached_training(cache, late.train_key)["run_id"] == runs[late.id].run_id
     assert parent.status() == "RUNNING"
+
+
+def test_expand_refuses_a_repeated_point_naming_sweep_values():
+    from dynlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sweep.values.*temperature=0.25"):
+        sweeps.expand(config.cli_config([]), grid={"boostnet.temperature": [0.25, 0.25]})

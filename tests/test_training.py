@@ -17,6 +17,26 @@ def test_lr_schedules():
     assert [training.lr_factor(e, warm) for e in range(4)] == pytest.approx([0.5, 1, 1, 1])
 
 
+@pytest.mark.parametrize(
+    "epochs, factors",
+    [
+        (1, [1]),  # the only epoch at the full rate (was 0.1: round(0.5 * 1) = 0)
+        (2, [1, 0.1]),  # one slot after epoch 0: the first milestone takes it
+        (3, [1, 0.1, 0.01]),  # both milestones fell on epoch 2 (round(1.5) = round(2.25) = 2)
+        (4, [1, 1, 0.1, 0.01]),
+    ],
+)
+def test_lr_milestones_skip_epoch_zero_and_stay_distinct(epochs, factors):
+    cfg = config.cli_config([f"epochs={epochs}", "optim.milestones=[0.5,0.75]"])
+    assert [training.lr_factor(e, cfg) for e in range(epochs)] == pytest.approx(factors)
+
+
+def test_milestone_epochs_rule():
+    assert training.milestone_epochs([0.5, 0.75], 300) == [150, 225]  # the papers' schedule is unchanged
+    assert training.milestone_epochs([0.1, 0.2, 0.3], 3) == [1, 2, 3]  # not enough epochs: the last never fires
+    assert training.milestone_epochs([0.01], 10) == [1]
+
+
 @pytest.mark.parametrize("method, kind", [("standin_subnets", SubnetPredictions), ("standin_gated", GatedPredictions)])
 def test_loop_trains_and_evaluation_handles_every_prediction_shape(in_tmp, method, kind):
     StandInSubnets.backward_calls.clear()

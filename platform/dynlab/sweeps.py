@@ -89,7 +89,7 @@ def expand(
             label = _label(point)
             tid = label.replace(", ", "-").replace(" ", "") + (f"-seed{cfg.run.seed}" if base.sweep.repeats > 1 else "")
             if tid in seen:
-                raise ValueError(f"two trials share the id {tid!r}: the search space repeats a point")
+                raise ConfigError("sweep.values", tid, "distinct points: two trials share this id, so the search space repeats a point")
             seen.add(tid)
             trials.append(Trial(tid, label, overrides, cfg.to_dict(), cfg.train_hash()))
     return trials

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import pandas as pd
 import yaml
 
+from dynlab.frames import scalar_columns
+
 TRAIN_NAME_TAG = "dynlab.train_name"
 CONFIG_HASH_TAG = "dynlab.config_hash"
 
@@ -119,8 +121,6 @@ class RunHandle:
             self.log_artifact(p, artifact_path)
             if csv:
                 c = Path(d) / f"{name}.csv"
-                from dynlab.steps import scalar_columns
-
                 scalar_columns(df).to_csv(c, index=False)
                 self.log_artifact(c, artifact_path)
 

@@ -70,7 +70,20 @@ def lr_factor(epoch: int, cfg) -> float:
     if o.schedule == "cosine":
         span = max(1, epochs - o.warmup_epochs)
         return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
-    return o.gamma ** sum(epoch >= round(m * epochs) for m in o.milestones)
+    return o.gamma ** sum(epoch >= m for m in milestone_epochs(o.milestones, epochs))
+
+
+def milestone_epochs(fractions: list[float], epochs: int) -> list[int]:
+    """The 0-based epochs at which each milestone fraction lowers the rate. Never epoch 0 (the first
+    epoch runs at the full rate), strictly increasing (distinct fractions stay distinct), pulled back
+    inside the run when there are enough epochs for all; a milestone at >= ``epochs`` never fires."""
+    out: list[int] = []
+    for m in fractions:
+        out.append(max(round(m * epochs), 1, out[-1] + 1 if out else 1))
+    if epochs - 1 >= len(out):  # room for every milestone: the i-th from the end at most epochs - 1 - i
+        for i in range(len(out) - 1, -1, -1):
+            out[i] = min(out[i], epochs - (len(out) - i))
+    return out
 
 
 def output_accuracy(preds: Predictions, labels: torch.Tensor) -> torch.Tensor:
