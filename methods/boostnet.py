@@ -2,7 +2,8 @@
 
 F_0 = 0, F_n = t_n * stop_grad(F_{n-1}) + f_n, loss = sum_n w_n CE(F_n, y); the same F_n are the exit
 logits at test time. ``trainable_prev=true`` drops the stop-gradient (the paper's ablation), and
-``gradient_rescale`` turns the backbone's gradient equilibrium on or off.
+``gradient_rescale`` turns the backbone's gradient equilibrium on or off (on backbones that
+implement it: MSDNet; elsewhere the config layer refuses or turns it off).
 
 Temperatures are indexed by the exit that *uses* them (t_n multiplies F_{n-1} inside F_n), which
 avoids the reference code's off-by-one between its training and evaluation scripts.
@@ -18,7 +19,7 @@ from torch import nn
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_method
-from methods.early_exit import ExitMethod, build_exit_backbone
+from methods.exits import ExitMethod, build_exit_backbone
 
 
 @dataclass
@@ -79,6 +80,6 @@ class BoostNet(ExitMethod):
         return list(ts)
 
     def build_model(self, info: DatasetInfo) -> nn.Module:
-        backbone = build_exit_backbone(self.cfg, info, self.mcfg.gradient_rescale)
+        backbone = build_exit_backbone(self.cfg, info)
         self._set_exits(backbone.num_exits)
         return BoostedExits(backbone, self.temperatures(backbone.num_exits), self.mcfg.trainable_prev)

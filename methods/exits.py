@@ -1,5 +1,6 @@
-"""Pieces shared by the early-exit methods: building an exit backbone, the summed exit loss and
-turning a list of exit logits into ExitPredictions."""
+"""Pieces shared by the exit methods (joint, BoostNet): building an exit backbone, the summed exit
+loss and turning a list of exit logits into ExitPredictions. (Real early-exit inference is
+``dynlab.early_exit``.)"""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from torch import nn
 
 from dynlab.errors import ConfigError
 from dynlab.predictions import ExitPredictions
-from dynlab.registry import DatasetInfo, get_backbone
+from dynlab.registry import DatasetInfo, backbone_options, get_backbone
 
 
-def build_exit_backbone(cfg, info: DatasetInfo, gradient_rescale: bool) -> nn.Module:
+def build_exit_backbone(cfg, info: DatasetInfo) -> nn.Module:
+    """The backbone of ``cfg``, given the method options it implements (e.g. gradient_rescale)."""
     entry = get_backbone(cfg.backbone)
-    return entry.build(cfg.backbone_cfg, info, gradient_rescale=gradient_rescale)
+    return entry.build(cfg.backbone_cfg, info, **backbone_options(cfg.backbone, cfg.method_cfg))
 
 
 def exit_weights(weights: list[float], num_exits: int, section: str) -> torch.Tensor:

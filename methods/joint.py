@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from dynlab.registry import DatasetInfo, register_method
-from methods.early_exit import ExitMethod, build_exit_backbone
+from methods.exits import ExitMethod, build_exit_backbone
 
 
 @dataclass
@@ -21,6 +21,6 @@ class Joint(ExitMethod):
     """Sum of CE over exits (MSDNet baseline)."""
 
     def build_model(self, info: DatasetInfo) -> nn.Module:
-        model = build_exit_backbone(self.cfg, info, self.mcfg.gradient_rescale)
+        model = build_exit_backbone(self.cfg, info)
         self._set_exits(model.num_exits)
         return model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import methods  # noqa: F401  (registers backbones and presets)
-from dynlab import registry
+from dynlab import config, registry
 from dynlab.config import build_section
 from dynlab.costs import measure_total
 from dynlab.data import static_info
@@ -206,7 +206,7 @@ def test_config_validation():
         build_section("msdnet", MSDNetConfig, {"gr_factor": []})
     with pytest.raises(ConfigError):
         build_section("msdnet", MSDNetConfig, {"n_blocks": 0})
-    cfg = build_section("msdnet", MSDNetConfig, {"gr_factor": "1-2-2-4", "bn_factor": [1, 1, 2, 2]})
+    cfg = build_section("msdnet", MSDNetConfig, {"gr_factor": "1,2,2,4", "bn_factor": [1, 1, 2, 2]})
     assert cfg.n_scales == 4 and cfg.gr_factor == [1, 2, 2, 4]
 
 
@@ -268,3 +268,15 @@ def test_gradient_rescaling_in_model():
             # exit n seen from block n-1: continuing copy (N-n+1)/(N-n+2), then head factor 1/(N-n+1)
             assert torch.allclose(g_scaled[e - 1], g_plain[e - 1] / (N - n + 2), rtol=1e-4, atol=1e-7)
         assert g_plain[e].abs().sum() > 0
+
+
+def test_msdnet_implements_gradient_rescale_and_receives_it():
+    assert registry.get_backbone("msdnet").method_options == ("gradient_rescale",)
+    for value in (True, False):
+        cfg = config.cli_config(["method=joint", "msdnet.n_blocks=2", f"joint.gradient_rescale={value}"])
+        assert registry.unsupported_options("msdnet", cfg.method_cfg) == {}
+        assert registry.backbone_options("msdnet", cfg.method_cfg) == {"gradient_rescale": value}
+        model = registry.get_method("joint").cls(cfg).build_model(DIGITS)
+        assert model.gradient_rescale is value  # the option reaches the network
+    with pytest.raises(ValueError, match=r"method_options \['dropout'\] are not allowed: expected names from \['gradient_rescale'\]"):
+        registry.register_backbone("x", MSDNetConfig, method_options=("dropout",))

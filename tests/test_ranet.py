@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import subprocess
 import sys
@@ -256,9 +255,9 @@ def test_config_validation():
             build_section("ranet", RANetConfig, values)
         assert e.value.key == key, (values, e.value)
     with pytest.raises(ConfigError) as e:
-        config.cli_config(["backbone=ranet", "ranet.bn_factor=4-2"])
+        config.cli_config(["backbone=ranet", "ranet.bn_factor=4,2"])
     assert e.value.key == "ranet.bn_factor" and "scale_list" in str(e.value)
-    cfg = build_section("ranet", RANetConfig, {"scale_list": "1-2-2-3", "gr_factor": "4-2-2-1", "bn_factor": [4, 2, 2, 1]})
+    cfg = build_section("ranet", RANetConfig, {"scale_list": "1,2,2,3", "gr_factor": "[4,2,2,1]", "bn_factor": [4, 2, 2, 1]})
     assert cfg.n_streams == 4 and cfg.gr_factor == [4, 2, 2, 1] and cfg.num_exits == 2 + 1 * 3
     assert build_section("ranet", RANetConfig, {"reduction": 0.0}).reduction == 0.0  # no transitions
     assert not any(b.transition for s in plan_streams(RANetConfig(reduction=0.0)) for b in s)
@@ -267,14 +266,12 @@ def test_config_validation():
 # ---- methods on RANet -----------------------------------------------------------------------------
 
 
-def test_boostnet_on_ranet_end_to_end(caplog):
+def test_boostnet_on_ranet_end_to_end():
     torch.manual_seed(0)
     cfg = config.cli_config(["backbone=ranet", "boostnet.gradient_rescale=false"])
     assert cfg.method == "boostnet" and isinstance(cfg.backbone_cfg, RANetConfig)
     method = registry.get_method("boostnet").cls(cfg)
-    with caplog.at_level(logging.WARNING, logger="methods.backbones.ranet"):
-        model = method.build_model(DIGITS)
-    assert not caplog.records
+    model = method.build_model(DIGITS)
     assert model.num_exits == 4 and isinstance(model.backbone, RANet)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     metrics = method.train_step(model, (x, y), lambda loss: loss.backward())
@@ -285,12 +282,8 @@ def test_boostnet_on_ranet_end_to_end(caplog):
     assert isinstance(preds, ExitPredictions) and preds.logits.shape == (4, 4, 10)
     assert torch.all(preds.costs[1:] > preds.costs[:-1])
 
-    # BoostNet's default gradient_rescale=true: accepted, ignored with a logged note (reference: none on RANet)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="methods.backbones.ranet"):
-        default = registry.get_method("boostnet").cls(config.cli_config(["backbone=ranet"])).build_model(DIGITS)
-    assert any("gradient_rescale" in r.getMessage() for r in caplog.records)
-    assert default.backbone.gradient_rescale is False
+    # BoostNet's default config on RANet builds the same network (RANet takes no gradient_rescale)
+    default = registry.get_method("boostnet").cls(config.cli_config(["backbone=ranet"])).build_model(DIGITS)
     default.load_state_dict(model.state_dict())
     default.eval()
     with torch.no_grad():
@@ -324,3 +317,17 @@ def test_costs_pipeline_json():
     from pipelines import costs as cmd
 
     assert cmd.main(["backbone=ranet", "ranet.gr_factor=[4,2]"]) == 2
+
+
+def test_ranet_implements_no_method_option():
+    """gradient_rescale is MSDNet-only (as in the reference): RANet declares no method options, so
+    the config layer can refuse or turn off the option and the hash follows what is trained."""
+    assert registry.get_backbone("ranet").method_options == ()
+    for method in ("boostnet", "joint"):
+        cfg = config.cli_config([f"method={method}", "backbone=ranet"])
+        reasons = registry.unsupported_options("ranet", cfg.method_cfg)
+        assert set(reasons) == {"gradient_rescale"}
+        assert "ranet" in reasons["gradient_rescale"] and "msdnet" in reasons["gradient_rescale"]
+        assert registry.backbone_options("ranet", cfg.method_cfg) == {}
+    with pytest.raises(TypeError):  # RANet's builder takes no gradient_rescale at all
+        build_ranet(RANetConfig(), DIGITS, gradient_rescale=True)

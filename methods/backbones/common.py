@@ -53,6 +53,11 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, float(factor))
 
 
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output side of a convolution or pooling over a ``size``-pixel side."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def block_layer_counts(n_blocks: int, block_type: str, step: int, base: int) -> list[int]:
     """Layers per block: ``[base] + [step]*(n-1)`` ("even") or ``[base] + [step*i + 1]`` ("lin_grow")."""
     if block_type == "even":

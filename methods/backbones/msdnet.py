@@ -18,7 +18,7 @@ from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.common import ConvBNReLU, PerScale, block_layer_counts, init_weights, run_head, scale_grad, with_exit_costs
+from methods.backbones.common import ConvBNReLU, PerScale, block_layer_counts, conv_out, init_weights, run_head, scale_grad, with_exit_costs
 
 
 @dataclass
@@ -201,10 +201,6 @@ class FirstLayer(nn.Module):
         return out
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 class ExitHead(nn.Module):
     """Two stride-2 3x3 conv-BN-ReLU, 2x2 average pool, Linear (reads the coarsest scale).
 
@@ -215,7 +211,7 @@ class ExitHead(nn.Module):
     def __init__(self, c_in: int, num_classes: int, variant: str, in_size: int):
         super().__init__()
         width = 128 if variant == "cifar" else c_in
-        size = _conv_out(_conv_out(in_size, 3, 2, 1), 3, 2, 1)
+        size = conv_out(conv_out(in_size, 3, 2, 1), 3, 2, 1)
         pool: nn.Module = nn.AvgPool2d(2) if size == 2 else nn.AdaptiveAvgPool2d(1)
         self.features = nn.Sequential(
             ConvBNReLU(c_in, width, kernel=3, stride=2, padding=1),
@@ -252,10 +248,10 @@ class MSDNet(nn.Module):
         # spatial size of each scale (for the heads' pooling)
         size = info.image_size
         if self.variant == "imagenet":
-            size = _conv_out(_conv_out(size, 7, 2, 3), 3, 2, 1)
+            size = conv_out(conv_out(size, 7, 2, 3), 3, 2, 1)
         sizes = [size]
         for _ in range(1, S):
-            sizes.append(_conv_out(sizes[-1], 3, 2, 1))
+            sizes.append(conv_out(sizes[-1], 3, 2, 1))
 
         c = cfg.n_channels
         blocks, heads = [], []
@@ -311,7 +307,7 @@ class MSDNet(nn.Module):
         return self._run(x, True)
 
 
-@register_backbone("msdnet", MSDNetConfig, description="MSDNet (multi-scale dense network), one exit per block")
+@register_backbone("msdnet", MSDNetConfig, description="MSDNet (multi-scale dense network), one exit per block", method_options=("gradient_rescale",))
 def build_msdnet(cfg: MSDNetConfig, info: DatasetInfo, gradient_rescale: bool = False) -> MSDNet:
     """MSDNet (multi-scale dense network), one exit per block; costs measured into ``cost_table``."""
     return with_exit_costs(MSDNet(cfg, info, gradient_rescale=gradient_rescale), info)

@@ -28,15 +28,14 @@ Differences from the reference code (yangle15/RANet-pytorch), on purpose:
 - every module is initialised like MSDNet (the reference leaves the first layer at PyTorch's default);
 - ``bottleneck=false`` drops the 1x1 bottleneck (the reference always uses it).
 
-Gradient rescaling (BoostNet / IMTA gradient equilibrium) is not applied: the reference applies it
-only to MSDNet and BoostNet's RANet experiments train plain RANet. ``gradient_rescale=True`` (the
-BoostNet default) is accepted and ignored with a logged note, so ``method=boostnet backbone=ranet``
-reproduces the reference.
+Gradient rescaling (BoostNet / IMTA gradient equilibrium) is not implemented: the reference applies
+it only to MSDNet and BoostNet's RANet experiments train plain RANet. RANet declares no method
+options, so the config layer turns ``gradient_rescale`` off on it (and refuses it when set), and
+``method=boostnet backbone=ranet`` reproduces the reference.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
@@ -48,10 +47,8 @@ from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.common import ConvBNReLU, init_weights, run_head, with_exit_costs
-from methods.backbones.msdnet import ConvUnit, ExitHead, _conv_out, resolve_variant
-
-log = logging.getLogger(__name__)
+from methods.backbones.common import ConvBNReLU, conv_out, init_weights, run_head, with_exit_costs
+from methods.backbones.msdnet import ConvUnit, ExitHead, resolve_variant
 
 
 @dataclass
@@ -327,17 +324,11 @@ class RANet(nn.Module):
     (lowest-resolution stream first). The streams run one after another, so the cumulative cost of
     exit k (measured by hooks) covers the first layer, every block and every head run before it."""
 
-    def __init__(self, cfg: RANetConfig, info: DatasetInfo, gradient_rescale: bool = False):
+    def __init__(self, cfg: RANetConfig, info: DatasetInfo):
         super().__init__()
         cfg.validate("ranet")
-        if gradient_rescale:
-            log.warning(
-                "ranet: gradient_rescale=True ignored: the reference applies gradient rescaling only to "
-                "MSDNet and trains BoostNet on RANet without it (set <method>.gradient_rescale=false to silence this)"
-            )
         self.cfg = cfg
         self.variant = resolve_variant(cfg.variant, info)
-        self.gradient_rescale = False
         self.num_classes = info.num_classes
         self.plan = plan_streams(cfg)
         gr, bn = list(cfg.gr_factor), list(cfg.bn_factor)
@@ -345,10 +336,10 @@ class RANet(nn.Module):
         self.first = BaseFeatures(info.channels, cfg, self.variant)
         size = info.image_size
         if self.variant == "imagenet":
-            size = _conv_out(_conv_out(size, 7, 2, 3), 3, 2, 1)
+            size = conv_out(conv_out(size, 7, 2, 3), 3, 2, 1)
         sizes = [size]  # finest first
         for stride in self.first.strides[1:]:
-            sizes.append(_conv_out(sizes[-1], 3, stride, 1))
+            sizes.append(conv_out(sizes[-1], 3, stride, 1))
         self.stream_sizes = sizes[::-1]  # input side of every stream, lowest first
         low_size = self.stream_sizes[0]
 
@@ -362,7 +353,7 @@ class RANet(nn.Module):
                     low_growth = cfg.growth_rate * gr[i - 1]
                     blocks.append(FusionBlock(p, cfg.compress_factor, cfg.bottleneck, bn[i], bn[i - 1], low_growth))
                     if p.down:
-                        side = _conv_out(side, 3, 2, 1)
+                        side = conv_out(side, 3, 2, 1)
                 else:
                     blocks.append(PlainBlock(p, cfg.bottleneck, bn[i]))
                 if p.exit:
@@ -427,12 +418,10 @@ class RANet(nn.Module):
 
 
 @register_backbone("ranet", RANetConfig, description="RANet (resolution adaptive network), exits on every stream, lowest resolution first")
-def build_ranet(cfg: RANetConfig, info: DatasetInfo, gradient_rescale: bool = False) -> RANet:
-    """RANet (resolution adaptive network); costs measured into ``cost_table``.
-
-    ``gradient_rescale`` is accepted for the method protocol and ignored (logged): see the module doc.
-    """
-    return with_exit_costs(RANet(cfg, info, gradient_rescale=gradient_rescale), info)
+def build_ranet(cfg: RANetConfig, info: DatasetInfo) -> RANet:
+    """RANet (resolution adaptive network); costs measured into ``cost_table``. No method options
+    (gradient rescaling is MSDNet-only): see the module doc."""
+    return with_exit_costs(RANet(cfg, info), info)
 
 
 # ---- presets (REFERENCE.md "Presets") -------------------------------------------------------------

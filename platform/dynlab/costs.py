@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CostTable", "CostCounter", "module_macs", "measure_exits", "measure_total"]
+__all__ = ["CostTable", "CostCounter", "count_forward", "module_macs", "measure_exits", "measure_total"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RELU = (nn.ReLU, nn.ReLU6)
@@ -147,12 +147,10 @@ class CostCounter:
         self.macs = 0.0
         self.params = 0
         self.snapshots: dict[int, tuple[float, int]] = {}
-        self.calls: dict[int, int] = {}  # id(module) -> number of calls
         self._seen_params: set[int] = set()
         self._handles: list = []
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
         for p in module.parameters(recurse=False):
             if id(p) not in self._seen_params:
                 self._seen_params.add(id(p))
@@ -195,8 +193,10 @@ def _input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
-def _run(model: nn.Module, input_shape: Sequence[int], marks: Sequence[nn.Module]) -> CostCounter:
-    """One forward in eval mode under no_grad with a zero input; modes restored afterwards."""
+def count_forward(model: nn.Module, input_shape: Sequence[int], marks: Sequence[nn.Module] = ()) -> CostCounter:
+    """Count one forward pass of ``model`` on a zero input of ``input_shape`` (``(C, H, W)`` or
+    ``(1, C, H, W)``), in eval mode under no_grad; the modules' train/eval modes are restored
+    afterwards. Returns the closed :class:`CostCounter` (totals, and a snapshot per mark)."""
     modes = [(m, m.training) for m in model.modules()]
     x = _input(model, input_shape)
     counter = CostCounter(model, marks)
@@ -222,7 +222,7 @@ def measure_exits(model: nn.Module, input_shape: Sequence[int], exit_modules: Se
     run out of the given order (cumulative costs would then not be increasing by construction).
     """
     exit_modules = list(exit_modules)
-    counter = _run(model, input_shape, exit_modules)
+    counter = count_forward(model, input_shape, exit_modules)
     missing = [k for k in range(len(exit_modules)) if k not in counter.snapshots]
     if missing:
         raise ValueError(f"measure_exits: exit module(s) {missing} did not run in the forward pass")
@@ -235,5 +235,5 @@ def measure_exits(model: nn.Module, input_shape: Sequence[int], exit_modules: Se
 
 def measure_total(model: nn.Module, input_shape: Sequence[int]) -> tuple[float, int]:
     """MACs and parameters of one whole forward pass (only modules that execute count)."""
-    counter = _run(model, input_shape, ())
+    counter = count_forward(model, input_shape)
     return counter.macs, counter.params

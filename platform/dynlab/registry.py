@@ -6,11 +6,18 @@ imports a method module itself.
 A *backbone* is an ``nn.Module`` factory with a typed config dataclass (MSDNet, RANet, ...).
 A *preset* is a named standard backbone config (REFERENCE.md "Presets").
 A *method* is a training/prediction recipe with a typed config dataclass (joint, BoostNet, ...).
+
+Some method options act on the backbone (``gradient_rescale`` rescales the gradients between an
+MSDNet's blocks). Those are listed in :data:`METHOD_OPTIONS` with their "off" value; a backbone
+declares the ones it implements (``register_backbone(..., method_options=(...))``) and receives only
+those. :func:`unsupported_options` tells the config layer which fields of a method config mean
+nothing on a backbone, so that they cannot change what is trained nor its hash.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -60,12 +67,17 @@ class MethodEntry:
     description: str = ""
 
 
+# Method options that act on the backbone -> their "off" value (what a backbone without them trains).
+METHOD_OPTIONS: dict[str, Any] = {"gradient_rescale": False}
+
+
 @dataclass
 class BackboneEntry:
     name: str
-    build: Callable[..., nn.Module]  # build(config, info, **method_options) -> nn.Module
+    build: Callable[..., nn.Module]  # build(config, info, **supported method options) -> nn.Module
     config_cls: type
     description: str = ""
+    method_options: tuple[str, ...] = ()  # the names of METHOD_OPTIONS that build() implements
 
 
 @dataclass
@@ -75,7 +87,6 @@ class Preset:
     values: dict[str, Any]
     dataset: str  # the dataset whose classes and input size the preset is defined for
     description: str = ""
-    info: DatasetInfo | None = field(default=None, compare=False)
 
 
 METHODS: dict[str, MethodEntry] = {}
@@ -93,11 +104,17 @@ def register_method(name: str, config_cls: type, backbones: tuple[str, ...] = ()
     return deco
 
 
-def register_backbone(name: str, config_cls: type, description: str = ""):
-    """Function decorator for a backbone builder ``build(config, info, **options) -> nn.Module``."""
+def register_backbone(name: str, config_cls: type, description: str = "", method_options: tuple[str, ...] = ()):
+    """Function decorator for a backbone builder ``build(config, info, **options) -> nn.Module``;
+    ``method_options`` names the backbone-dependent method options (:data:`METHOD_OPTIONS`) that
+    ``build`` takes as keyword arguments."""
+    unknown = [o for o in method_options if o not in METHOD_OPTIONS]
+    if unknown:
+        raise ValueError(f"register_backbone({name!r}): method_options {unknown} are not allowed: expected names from {sorted(METHOD_OPTIONS)}")
 
     def deco(fn):
-        BACKBONES[name] = BackboneEntry(name, fn, config_cls, description or (fn.__doc__ or "").strip().split("\n")[0])
+        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
+        BACKBONES[name] = BackboneEntry(name, fn, config_cls, doc, tuple(method_options))
         return fn
 
     return deco
@@ -123,3 +140,30 @@ def get_backbone(name: str) -> BackboneEntry:
 
 def get_preset(name: str) -> Preset:
     return _lookup(PRESETS, "backbone.preset", name)
+
+
+def _option_fields(method_cfg) -> list[str]:
+    """The fields of a method config that are backbone-dependent options."""
+    if not dataclasses.is_dataclass(method_cfg):
+        return []
+    return [f.name for f in dataclasses.fields(method_cfg) if f.name in METHOD_OPTIONS]
+
+
+def unsupported_options(backbone: str, method_cfg) -> dict[str, str]:
+    """Field name -> reason, for each backbone-dependent option of ``method_cfg`` that
+    ``backbone`` does not implement (whatever its value; the config layer decides what to do)."""
+    entry = get_backbone(backbone)
+    out = {}
+    for name in _option_fields(method_cfg):
+        if name not in entry.method_options:
+            have = sorted(b.name for b in BACKBONES.values() if name in b.method_options)
+            out[name] = f"backbone '{backbone}' does not implement it (only {', '.join(have) or 'none'} does); on {backbone} it is always {METHOD_OPTIONS[name]!r}"
+    return out
+
+
+def backbone_options(backbone: str, method_cfg) -> dict[str, Any]:
+    """The keyword arguments for ``get_backbone(backbone).build``: the backbone-dependent options
+    of ``method_cfg`` that the backbone implements (the others are left out: the config layer
+    has set them to their off value, see :func:`unsupported_options`)."""
+    entry = get_backbone(backbone)
+    return {name: getattr(method_cfg, name) for name in _option_fields(method_cfg) if name in entry.method_options}
