@@ -105,3 +105,17 @@ def test_exit_weights_scale_the_losses():
     method.train_step(model, (x, y), lambda loss: seen.append(loss.detach()))
     with torch.no_grad():
         torch.testing.assert_close(seen[0], 2 * F.cross_entropy(model(x)[2], y))
+
+
+def test_gradient_ablation_drops_the_axis_a_backbone_does_not_implement(capsys):
+    from pipelines import ablation_boostnet_gradients as ablation
+
+    on_msdnet = ablation.trials(config.cli_config([]))
+    assert len(on_msdnet) == 4 and len({t.train_key for t in on_msdnet}) == 4
+    assert "dropped" not in capsys.readouterr().out
+
+    on_ranet = ablation.trials(config.cli_config(["backbone=ranet"]))
+    assert [t.id for t in on_ranet] == ["trainable_prev=False", "trainable_prev=True"]
+    assert len({t.train_key for t in on_ranet}) == 2  # no identical model under two labels
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert len(lines) == 1 and "boostnet.gradient_rescale dropped" in lines[0] and "ranet" in lines[0]
