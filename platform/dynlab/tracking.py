@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +26,36 @@ from dynlab.frames import scalar_columns
 
 TRAIN_NAME_TAG = "dynlab.train_name"
 CONFIG_HASH_TAG = "dynlab.config_hash"
+LOG_RETRY_SECONDS = 30.0  # one metric-logging call retries a dead server this long, then buffers
+HTTP_TIMEOUT_SECONDS = "10"  # per request while logging metrics; MLflow's default is 120 s with 7 retries
+
+
+@contextlib.contextmanager
+def quick_http() -> Iterator[None]:
+    """MLflow requests that fail in seconds (no retries of its own, short timeout): our caller
+    retries, so that a stopped server costs seconds per attempt, not minutes."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = HTTP_TIMEOUT_SECONDS
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _permanent(err: BaseException) -> bool:
+    """A request the server answered with a 4xx (bad value, unknown run): retrying cannot help."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and 400 <= err.get_http_status_code() < 500
+
+
+def _warn(msg: str) -> None:
+    print(f"[dynlab] tracking: {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def tracking_uri() -> str:
@@ -76,6 +107,7 @@ class RunHandle:
     uri: str
     run_id: str
     experiment_id: str
+    _pending: list = field(default_factory=list, init=False, repr=False, compare=False)  # unsent metric points
 
     def as_payload(self) -> dict[str, str]:
         """What a Ray worker needs to rebuild this handle: ``RunHandle(**payload)``."""
@@ -84,15 +116,36 @@ class RunHandle:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.log_points([(k, v, step) for k, v in metrics.items()])
 
-    def log_points(self, points: list[tuple[str, float, int]]) -> None:
-        """Many ``(key, value, step)`` metric points in few requests (a curve on a cost axis)."""
+    def log_points(self, points: list[tuple[str, float, int]], retry_seconds: float | None = None) -> bool:
+        """Many ``(key, value, step)`` metric points in few requests (a curve on a cost axis).
+        Buffered: points the server does not take now (stopped, restarting) stay in this handle and
+        go with the next call or :meth:`flush`. Never raises: a logging failure must not stop
+        training. True when nothing is left unsent."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v, step in points]
-        c = client(self.uri)
-        for i in range(0, len(items), 500):
-            c.log_batch(self.run_id, metrics=items[i : i + 500])
+        self._pending += [Metric(k, float(v), now, int(step)) for k, v, step in points]
+        return self.flush(LOG_RETRY_SECONDS if retry_seconds is None else retry_seconds)
+
+    def flush(self, retry_seconds: float = LOG_RETRY_SECONDS) -> bool:
+        """Send the buffered metric points, retrying with backoff for at most ``retry_seconds``."""
+        deadline, delay = time.monotonic() + retry_seconds, 0.5
+        while self._pending:
+            try:
+                with quick_http():
+                    client(self.uri).log_batch(self.run_id, metrics=self._pending[:500])
+                del self._pending[:500]
+            except Exception as err:  # noqa: BLE001 - reported below; training goes on
+                if _permanent(err):
+                    _warn(f"dropped {min(500, len(self._pending))} metric points MLflow refused: {err}")
+                    del self._pending[:500]
+                    continue
+                if time.monotonic() + delay > deadline:
+                    _warn(f"tracking server unreachable ({type(err).__name__}): {len(self._pending)} metric points kept, sent with the next log call")
+                    return False
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        return True
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,61 @@ def _progress(msg: str) -> None:
     print(f"[dynlab] {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
+@dataclass
+class Loop:
+    """What the worker loop carries from one epoch to the next."""
+
+    cfg: Any
+    rank: int
+    world: int
+    device: torch.device
+    tracker: Any  # a tracking.RunHandle on rank 0 when the run is tracked, else None
+    bundle: Any  # data.DataBundle
+    method: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp_dtype: Any
+    local_root: Path | None  # in-process mode: we persist checkpoints here (Ray does not)
+    start_epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    best_state: dict | None = None
+    history: list[dict] = field(default_factory=list)  # every epoch's metrics, saved with the checkpoint
+    logged_epochs: set[int] = field(default_factory=set)  # epochs already in the MLflow run
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    import ray.train
+
+    loop = setup(payload)
+    resumed = find_checkpoint(payload)
+    if resumed is not None:
+        resume(loop, *resumed)
+    sampler, loader, heldout_shard = make_loaders(loop)
+    for epoch in range(loop.start_epoch, loop.cfg.run.epochs):
+        t0, lr = time.time(), loop.optimizer.param_groups[0]["lr"]
+        train_metrics = train_one_epoch(loop, loader, sampler, epoch, t0)
+        heldout_metrics, score = score_heldout(loop, heldout_shard, epoch)
+        update_best(loop, score, epoch)
+        metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": time.time() - t0, **train_metrics, **heldout_metrics, "best_score": loop.best_score, "best_epoch": loop.best_epoch}
+        loop.history.append(metrics)
+        if loop.rank == 0:
+            _print_epoch(loop, metrics, epoch)
+            log_epoch(loop, metrics)
+            save_checkpoint(loop, epoch, metrics)
+        else:
+            ray.train.report(metrics)
+        if loop.cfg.run.kill_after_epoch == epoch:  # fault injection for tests: die like a preempted node.
+            # Fires once: a retry resumes from this epoch's checkpoint, so it never reaches this epoch again.
+            os.kill(os.getpid(), signal.SIGKILL)
+    if loop.tracker:
+        loop.tracker.flush()
+
+
+def setup(payload: dict[str, Any]) -> Loop:
+    """Config, rank, device, data, model, optimiser, schedule and scaler, identical on every rank."""
     import ray.train
     import ray.train.torch
 
@@ -162,8 +216,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
     tracker = RunHandle(**payload["tracking"]) if rank == 0 and payload.get("tracking") else None
     if tracker:
-        tracker.set_tags({"dynlab.world_size": world, "dynlab.device": str(device)})
-
+        _best_effort(tracker.set_tags, {"dynlab.world_size": world, "dynlab.device": str(device)})
     bundle = data_mod.build_datasets(cfg.data, cfg.run.seed)
     method = get_method(cfg.method).cls(cfg)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -172,116 +225,199 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     amp_dtype = _amp_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, best_score, best_epoch = 0, -1.0, -1
-    best_state = None
     local_root = Path(payload["local_checkpoint_root"]) if payload.get("local_checkpoint_root") else None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and payload.get("resume_dir"):
-        ckpt = ray.train.Checkpoint.from_directory(payload["resume_dir"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
-        if rank == 0:
-            _progress(f"resumed from checkpoint after epoch {start_epoch} of {cfg.run.epochs}")
-            if tracker:
-                tracker.set_tags({"dynlab.resumed_at_epoch": start_epoch})
+    return Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
 
+
+def find_checkpoint(payload: dict[str, Any]) -> tuple[dict, dict] | None:
+    """``(state, best weights)`` of the newest readable checkpoint of this run, or None. On local
+    storage the run folder is read too: a worker killed right after saving may die before Ray
+    registers that checkpoint, and the retry must not train (or log) that epoch again."""
+    import ray.train
+
+    folders = []
+    if payload.get("run_dir"):
+        folders += sorted(Path(payload["run_dir"]).glob("epoch_*"), reverse=True)
+    ckpt = ray.train.get_checkpoint()
+    candidates = [lambda d=d: _read_checkpoint(d) for d in folders]
+    if ckpt is not None:
+        candidates.append(lambda: _read_ray_checkpoint(ckpt))
+    if payload.get("resume_dir"):
+        candidates.append(lambda: _read_checkpoint(Path(payload["resume_dir"])))
+    for read in candidates:
+        found = read()
+        if found is not None:
+            return found
+    return None
+
+
+def _read_checkpoint(d: Path) -> tuple[dict, dict] | None:
+    try:  # a checkpoint cut short by a crash (truncated file) is skipped, not fatal
+        state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+        return state, torch.load(d / BEST_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+
+
+def _read_ray_checkpoint(ckpt) -> tuple[dict, dict] | None:
+    with ckpt.as_directory() as d:
+        return _read_checkpoint(Path(d))
+
+
+def resume(loop: Loop, state: dict, best_state: dict) -> None:
+    """Restore model, optimiser, schedule, scaler and best-so-far; complete the MLflow curve with
+    any checkpointed epoch whose metrics never reached the server."""
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    loop.start_epoch, loop.best_score, loop.best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+    loop.best_state, loop.history = best_state, list(state.get("history", []))
+    if loop.rank != 0:
+        return
+    _progress(f"resumed from checkpoint after epoch {loop.start_epoch} of {loop.cfg.run.epochs}")
+    if loop.tracker:
+        _best_effort(loop.tracker.set_tags, {"dynlab.resumed_at_epoch": loop.start_epoch})
+        loop.logged_epochs = _best_effort(_logged_epochs, loop.tracker) or set()
+        for metrics in loop.history:
+            log_epoch(loop, metrics)
+
+
+def _logged_epochs(tracker) -> set[int]:
+    from dynlab.tracking import client
+
+    return {m.step for m in client(tracker.uri).get_metric_history(tracker.run_id, "best_score")}
+
+
+def make_loaders(loop: Loop):
+    """The distributed sampler, the training loader and this rank's shard of the held-out split."""
+    cfg, world, rank = loop.cfg, loop.world, loop.rank
     if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
-    sampler = DistributedSampler(bundle.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=False)
-    loader = DataLoader(bundle.train, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.loader_workers, drop_last=len(bundle.train) > cfg.data.batch_size * world)
-    heldout_shard = Subset(bundle.heldout, list(range(rank, len(bundle.heldout), world)))
+        import ray.train.torch
+
+        loop.model = ray.train.torch.prepare_model(loop.model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
+    train = loop.bundle.train
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=False)
+    loader = DataLoader(train, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.loader_workers, drop_last=len(train) > cfg.data.batch_size * world)
+    heldout_shard = Subset(loop.bundle.heldout, list(range(rank, len(loop.bundle.heldout), world)))
+    return sampler, loader, heldout_shard
+
+
+def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[str, float]:
+    """One pass over the training set; the method's step metrics averaged over samples (and ranks)."""
+    cfg, device, scaler, optimizer = loop.cfg, loop.device, loop.scaler, loop.optimizer
 
     def backward(loss: torch.Tensor) -> None:
         scaler.scale(loss).backward()
 
-    for epoch in range(start_epoch, cfg.run.epochs):
-        t0 = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        sampler.set_epoch(epoch)
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        last_note = time.time()
-        for step, (images, targets) in enumerate(loader):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                metrics = method.train_step(model, (images, targets), backward)
-            if cfg.run.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.run.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            n = targets.shape[0]
-            seen += n
-            for k, v in metrics.items():  # summed on the device: no host sync per step
-                v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=device)
-                sums[k] = sums.get(k, 0) + v * n
-            if rank == 0 and time.time() - last_note > PROGRESS_SECONDS:  # long epochs show progress
-                last_note = time.time()
-                loss = float(sums["loss"]) / seen if "loss" in sums else float("nan")
-                _progress(f"epoch {epoch + 1}/{cfg.run.epochs}  step {step + 1}/{len(loader)}  loss {loss:.4f}  {seen / (last_note - t0):.0f} img/s")
-        scheduler.step()
-        train_metrics = {f"train/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
-        if world > 1:  # average over ranks
-            keys = sorted(train_metrics)
-            t = torch.tensor([train_metrics[k] for k in keys], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            train_metrics = {k: float(v) / world for k, v in zip(keys, t)}
+    sampler.set_epoch(epoch)
+    loop.model.train()
+    sums: dict[str, torch.Tensor] = {}
+    seen, last_note = 0, time.time()
+    for step, (images, targets) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
+            metrics = loop.method.train_step(loop.model, (images, targets), backward)
+        if cfg.run.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.run.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        n = targets.shape[0]
+        seen += n
+        for k, v in metrics.items():  # summed on the device: no host sync per step
+            v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=device)
+            sums[k] = sums.get(k, 0) + v * n
+        if loop.rank == 0 and time.time() - last_note > PROGRESS_SECONDS:  # long epochs show progress
+            last_note = time.time()
+            loss = float(sums["loss"]) / seen if "loss" in sums else float("nan")
+            _progress(f"epoch {epoch + 1}/{cfg.run.epochs}  step {step + 1}/{len(loader)}  loss {loss:.4f}  {seen / (last_note - t0):.0f} img/s")
+    loop.scheduler.step()
+    train_metrics = {f"train/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
+    if loop.world > 1:  # average over ranks
+        keys = sorted(train_metrics)
+        t = torch.tensor([train_metrics[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        train_metrics = {k: float(v) / loop.world for k, v in zip(keys, t)}
+    return train_metrics
 
-        # held-out score: every rank predicts its shard; counts are summed
-        heldout_metrics: dict[str, float] = {}
-        score = float(epoch)  # without a held-out split, "best" means "latest"
-        if len(bundle.heldout):
-            correct, count = _heldout_counts(method, unwrap(model), heldout_shard, cfg, device, amp_dtype)
-            if world > 1:
-                dist.all_reduce(correct)
-                dist.all_reduce(count)
-            acc = (correct / count.clamp(min=1) * 100).tolist()
-            heldout_metrics = {f"heldout/acc_out{i}": a for i, a in enumerate(acc)}
-            heldout_metrics["heldout/acc_mean"] = float(np.mean(acc))
-            score = heldout_metrics["heldout/acc_mean"] if cfg.run.select == "best" else float(epoch)
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
-        metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": time.time() - t0, **train_metrics, **heldout_metrics, "best_score": best_score, "best_epoch": best_epoch}
-        if rank == 0:
-            _progress(
-                f"epoch {epoch + 1}/{cfg.run.epochs}  loss {train_metrics.get('train/loss', float('nan')):.4f}  "
-                + (f"held-out acc (mean over outputs) {heldout_metrics['heldout/acc_mean']:.2f}%  " if heldout_metrics else "")
-                + f"{metrics['epoch_seconds']:.1f}s"
-            )
-            if tracker:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}
-            if local_root:  # in-process mode: Ray does not persist checkpoints, so we do
-                final = local_root / f"epoch_{epoch:04d}"
-                partial = local_root / f".partial_epoch_{epoch:04d}"
-                partial.mkdir(parents=True, exist_ok=True)
-                _write_checkpoint(partial, state, best_state, cfg)
-                shutil.rmtree(final, ignore_errors=True)
-                partial.rename(final)  # atomic: a half-written checkpoint is never found as complete
-                for old in sorted(local_root.glob("epoch_*"))[:-2]:
-                    shutil.rmtree(old, ignore_errors=True)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
-            else:
-                with tempfile.TemporaryDirectory() as d:
-                    _write_checkpoint(Path(d), state, best_state, cfg)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
-        else:
-            ray.train.report(metrics)
-        if cfg.run.kill_after_epoch == epoch:  # fault injection for tests: die like a preempted node
-            os.kill(os.getpid(), signal.SIGKILL)
+def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], float]:
+    """Held-out accuracy per output (each rank predicts its shard; counts are summed) and the
+    selection score: mean held-out accuracy, or the epoch itself for ``run.select=last`` or
+    without a held-out split ("best" then means "latest"). The test set is never looked at."""
+    if not len(loop.bundle.heldout):
+        return {}, float(epoch)
+    correct, count = _heldout_counts(loop.method, unwrap(loop.model), shard, loop.cfg, loop.device, loop.amp_dtype)
+    if loop.world > 1:
+        dist.all_reduce(correct)
+        dist.all_reduce(count)
+    acc = (correct / count.clamp(min=1) * 100).tolist()
+    metrics = {f"heldout/acc_out{i}": a for i, a in enumerate(acc)}
+    metrics["heldout/acc_mean"] = float(np.mean(acc))
+    return metrics, metrics["heldout/acc_mean"] if loop.cfg.run.select == "best" else float(epoch)
+
+
+def update_best(loop: Loop, score: float, epoch: int) -> None:
+    if score > loop.best_score:
+        loop.best_score, loop.best_epoch = score, epoch
+        loop.best_state = {k: v.detach().cpu().clone() for k, v in unwrap(loop.model).state_dict().items()}
+
+
+def log_epoch(loop: Loop, metrics: dict[str, Any]) -> None:
+    """One epoch's metrics into the MLflow run, once: an epoch trained again after a crash between
+    logging and checkpointing keeps its first point (a curve has one point per epoch)."""
+    epoch = int(metrics["epoch"])
+    if loop.tracker is None or epoch in loop.logged_epochs:
+        return
+    loop.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)  # buffered, never raises
+    loop.logged_epochs.add(epoch)
+
+
+def save_checkpoint(loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
+    """Rank 0's checkpoint of this epoch (state, best weights, config), reported to Ray."""
+    import ray.train
+
+    model = unwrap(loop.model)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "epoch": epoch,
+        "best_score": loop.best_score,
+        "best_epoch": loop.best_epoch,
+        "history": loop.history,
+    }
+    if loop.local_root is None:
+        with tempfile.TemporaryDirectory() as d:
+            _write_checkpoint(Path(d), state, loop.best_state, loop.cfg)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
+        return
+    final = loop.local_root / f"epoch_{epoch:04d}"
+    partial = loop.local_root / f".partial_epoch_{epoch:04d}"
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint(partial, state, loop.best_state, loop.cfg)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)  # atomic: a half-written checkpoint is never found as complete
+    for old in sorted(loop.local_root.glob("epoch_*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+
+
+def _print_epoch(loop: Loop, metrics: dict[str, Any], epoch: int) -> None:
+    held = f"held-out acc (mean over outputs) {metrics['heldout/acc_mean']:.2f}%  " if "heldout/acc_mean" in metrics else ""
+    _progress(f"epoch {epoch + 1}/{loop.cfg.run.epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  {held}{metrics['epoch_seconds']:.1f}s")
+
+
+def _best_effort(fn, *args):
+    """Tracking calls made from the loop: a tracking failure is reported, never fatal to training."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001
+        _progress(f"tracking call {getattr(fn, '__name__', fn)} failed, training goes on: {type(err).__name__}: {err}")
+        return None
 
 
 def _write_checkpoint(d: Path, state: dict, best_state: dict, cfg) -> None:
@@ -349,6 +485,7 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
             "tracking": tracking,
             "plugins": plugins or ["methods"],
             "local_checkpoint_root": str(Path(storage) / name) if cfg.run.num_workers == 0 and local_storage else None,
+            "run_dir": str(Path(storage) / name) if local_storage else None,  # checkpoints a retry may read
             "resume_dir": str(resume) if resume else None,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
