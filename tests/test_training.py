@@ -1,9 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
 from dynlab import config, evaluation, steps, training
 from dynlab.predictions import GatedPredictions, SubnetPredictions
-from tests.stand_ins import StandInSubnets  # noqa: F401  (registers the stand-in methods)
+from dynlab.registry import register_method
+from tests.stand_ins import StandInSubnets, TwoDepthConfig  # noqa: F401  (registers the stand-in methods)
 
 SMALL = ["dataset=synthetic", "data.synthetic_train=96", "data.synthetic_test=48", "data.synthetic_classes=3", "data.batch_size=16", "workers=0", "optim.lr=0.05"]
 
@@ -78,16 +81,77 @@ def test_in_process_run_resumes_from_its_last_checkpoint(in_tmp, capfd):
     assert sorted(p.name for p in (in_tmp / "dynlab_runs" / "resume-me").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
 
 
-def test_best_checkpoint_uses_heldout_not_test(in_tmp):
-    cfg = config.cli_config(["method=joint", "msdnet.n_blocks=2", "epochs=3", *SMALL])
-    result = training.fit(cfg, "select")
+HELDOUT_CLASS, TEST_CLASS = 1, 2
+SCRIPT = [0, HELDOUT_CLASS, TEST_CLASS]  # the class every image is given in epoch 0, 1, 2
+
+
+class EpochScripted(torch.nn.Module):
+    """Gives every image the class SCRIPT[epoch]: which epoch scores best on which split is known."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("epochs_started", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True):
+        if mode:  # the loop calls model.train() once at the start of every epoch
+            self.epochs_started += 1
+        return super().train(mode)
+
+
+@register_method("standin_scripted", TwoDepthConfig)
+class StandInScripted:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_model(self, info):
+        return EpochScripted()
+
+    def train_step(self, model, batch, backward):
+        loss = (model.w**2).sum() + 1.0
+        backward(loss)
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def predict(self, model, images):
+        cls = SCRIPT[int(model.epochs_started) - 1]
+        logits = torch.nn.functional.one_hot(torch.full((len(images),), cls), 3).float()
+        return GatedPredictions(logits, torch.ones(len(images), dtype=torch.float64))
+
+
+class Relabelled(torch.utils.data.Dataset):
+    def __init__(self, dataset, label: int):
+        self.dataset, self.label = dataset, label
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], self.label
+
+
+def test_best_checkpoint_uses_heldout_not_test(in_tmp, monkeypatch):
+    """Held-out favours epoch 1, test favours epoch 2 (also the last): only selection on held-out
+    picks epoch 1."""
+    from dynlab import data as data_mod
+    from dynlab import tracking
+
+    build = data_mod.build_datasets
+    monkeypatch.setattr(data_mod, "build_datasets", lambda cfg, seed: dataclasses.replace(b := build(cfg, seed), heldout=Relabelled(b.heldout, HELDOUT_CLASS), test=Relabelled(b.test, TEST_CLASS)))
+    cfg = config.cli_config(["method=standin_scripted", "epochs=3", *SMALL])
+    handle = tracking.open_run("select-test", "select")
+    result = training.fit(cfg, "select", tracking=handle.as_payload())
+    history = tracking.client().get_metric_history(handle.run_id, "heldout/acc_mean")
+    heldout_curve = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert heldout_curve == [0.0, 100.0, 0.0]
     state = torch.load(f"{result.checkpoint_dir}/state.pt", weights_only=True)
-    best = torch.load(f"{result.checkpoint_dir}/best.pt", weights_only=True)
-    assert 0 <= state["best_epoch"] <= 2
-    if state["best_epoch"] == 2:
-        for k in best:
-            torch.testing.assert_close(best[k], state["model"][k])
-    assert result.metrics["best_score"] == pytest.approx(max(result.metrics["best_score"], result.metrics["heldout/acc_mean"]))
+    assert state["best_epoch"] == max(range(3), key=heldout_curve.__getitem__) == 1
+    test_acc = {}
+    for which in ("best.pt", "state.pt"):
+        method, model = training.load_trained(cfg, result.checkpoint_dir, data_mod.build_datasets(cfg.data, 0).info, which)
+        preds, labels = training.predict_dataset(method, model, data_mod.build_datasets(cfg.data, 0).test, 64, torch.device("cpu"))
+        test_acc[which] = (preds.logits.argmax(1) == labels).double().mean().item()
+    assert test_acc == {"best.pt": 0.0, "state.pt": 1.0}  # the test set would have picked the last epoch
 
 
 def test_long_epochs_print_progress_within_the_epoch(in_tmp, capfd, monkeypatch):
