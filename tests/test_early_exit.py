@@ -1,3 +1,6 @@
+import contextlib
+import math
+
 import pytest
 import torch
 
@@ -7,14 +10,20 @@ from dynlab.early_exit import early_exit
 from dynlab.registry import get_method
 
 
-def build(method: str, *args):
+def build(method: str, *args, dtype=torch.float64):
     cfg = config.cli_config([f"method={method}", *(args or ["msdnet.n_blocks=4"])])
-    return _prepared(get_method(method).cls(cfg))
+    return _prepared(get_method(method).cls(cfg), dtype)
 
 
-def _prepared(m):
+def build_tiny(method: str, backbone: str, dtype=torch.float64):
+    if backbone == "ranet":
+        return build(method, "backbone=ranet", "ranet.n_blocks=2", "ranet.block_step=1", dtype=dtype)
+    return build(method, dtype=dtype)
+
+
+def _prepared(m, dtype=torch.float64):
     torch.manual_seed(0)
-    model = m.build_model(static_info("digits")).double().eval()
+    model = m.build_model(static_info("digits")).to(dtype).eval()
     for m in model.modules():  # random BN statistics, so that exits disagree and confidences spread
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -22,22 +31,70 @@ def _prepared(m):
     return model
 
 
+# precision -> (parameter and input dtype, autocast dtype or None)
+PRECISIONS = {"float64": (torch.float64, None), "float32": (torch.float32, None), "bf16-autocast": (torch.float32, torch.bfloat16)}
+
+
+def in_precision(precision: str):
+    autocast = PRECISIONS[precision][1]
+    return torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+
+
+def simulated(model, x, precision: str):
+    """Every exit for every sample (the simulation), in the given precision."""
+    with torch.no_grad(), in_precision(precision):
+        logits = torch.stack(model(x))
+    return evaluation.confidence(logits)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("backbone", ["msdnet", "ranet"])
 @pytest.mark.parametrize("method", ["joint", "boostnet"])
 @pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
-def test_real_early_exit_equals_the_simulated_exits(method, q, backbone):
-    model = build(method, f"backbone={backbone}", "ranet.n_blocks=2", "ranet.block_step=1") if backbone == "ranet" else build(method)
-    x = torch.randn(96, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        logits = torch.stack(model(x))  # every exit for every sample: the simulation
-    conf, pred = evaluation.confidence(logits)
-    thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(q, logits.shape[0]))
+def test_real_early_exit_equals_the_simulated_exits(method, q, backbone, precision):
+    dtype = PRECISIONS[precision][0]
+    model = build_tiny(method, backbone, dtype)
+    x = torch.randn(96, 3, 32, 32, dtype=dtype)
+    conf, pred = simulated(model, x, precision)
+    thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(q, conf.shape[0]))
     sim_exit = evaluation.exit_indices(conf, thresholds)
 
-    res = early_exit(model, x, thresholds)
+    with in_precision(precision):
+        res = early_exit(model, x, thresholds)
     assert torch.equal(res.exit, sim_exit)
     assert torch.equal(res.pred, pred[sim_exit, torch.arange(len(x))])
     assert len(set(res.exit.tolist())) > 1  # the case is not trivial: samples leave at several exits
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16-autocast"])
+@pytest.mark.parametrize("backbone", ["msdnet", "ranet"])
+def test_python_float_thresholds_between_float32_values_decide_alike(backbone, precision):
+    """Thresholds given as Python floats (float64) that fall just above a float32 confidence: a
+    comparison in float32 rounds them down onto that confidence and lets the sample exit; the
+    simulated rule must not, and the engine must agree with it."""
+    model = build_tiny("boostnet", backbone, torch.float32)
+    x = torch.randn(64, 3, 32, 32)
+    conf, _ = simulated(model, x, precision)
+    assert conf.dtype == torch.float32
+    # at every exit but the last: just above the median confidence, by less than a float32 step
+    medians = conf[:-1].median(dim=1).values.double()
+    thresholds = [math.nextafter(float(m), math.inf) for m in medians] + [-math.inf]
+    assert all(float(torch.tensor(t, dtype=torch.float32)) == float(m) for t, m in zip(thresholds, medians))
+    sim_exit = evaluation.exit_indices(conf, thresholds)
+    on_threshold = (conf[0].double() == medians[0]).nonzero().flatten()
+    assert (sim_exit[on_threshold] > 0).all()  # the median sample itself stays: conf < threshold
+
+    with in_precision(precision):
+        res = early_exit(model, x, thresholds)
+    assert torch.equal(res.exit, sim_exit)
+
+
+def test_thresholds_must_match_the_models_number_of_exits():
+    model = build("joint")  # 4 exits
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for wrong in ([0.5, 0.5, -math.inf], [0.5] * 5):
+        with pytest.raises(ValueError, match=rf"shape \({len(wrong)},\).*4 exits"):
+            early_exit(model, x, wrong)
 
 
 def test_later_blocks_run_only_for_undecided_samples():

@@ -196,6 +196,7 @@ def test_budgeted_pgrid_and_budgets():
     assert len(df) == 39 and set(df["mode"]) == {"pgrid"}
     assert df["q"].tolist() == pytest.approx([p / 20 for p in range(1, 40)])
     assert df["requested_budget"].isna().all()
+    assert set(df["n_heldout"]) == {1500} and set(df["n_test"]) == {1000}
     for col in ("heldout_accuracy", "heldout_cost", "test_accuracy", "test_cost", "thresholds", "exit_fraction"):
         assert col in df.columns
     # the grid's thresholds are the reference rule with P_k ~ q^(k+1)
@@ -272,6 +273,7 @@ def test_anytime_exits_hand_computed():
     assert df["cost"].tolist() == [10e6, 25e6, 40e6]
     assert df["mmacs"].tolist() == pytest.approx([10.0, 25.0, 40.0])
     assert "pareto" not in df.columns
+    assert df["n_samples"].tolist() == [4, 4, 4]  # what the accuracy's standard error depends on
 
 
 def test_anytime_subnets_names_and_pareto():
@@ -301,6 +303,7 @@ def test_anytime_gated_hand_computed():
     assert row["accuracy"] == pytest.approx(60.0)
     assert row["cost"] == pytest.approx(4e6) and row["mmacs"] == pytest.approx(4.0)
     assert (row["cost_min"], row["cost_p50"], row["cost_max"]) == (1e6, 3e6, 10e6)
+    assert row["n_samples"] == 5
 
 
 def test_predictions_frame_parquet_round_trip(tmp_path):

@@ -4,8 +4,12 @@ simulate exits (the whole network always runs and exits are read off afterwards)
 
 A model supports it by exposing ``exit_step(state, k) -> (state, logits)``: run block k and its
 head on ``state`` (the images for k = 0, else whatever step k-1 returned: tensors, or nested
-tuples/lists of tensors with the batch first, or None). The engine drops the samples that exit after each
-step from every tensor of the state before the next block runs.
+tuples/lists of tensors with the batch first, or None), and ``num_exits``. The engine drops the
+samples that exit after each step from every tensor of the state before the next block runs.
+
+Exit decisions use :func:`dynlab.evaluation.exits_here` (compared in float64), the rule of the
+simulated exits, so the engine's exits equal the simulated ones whatever the logits' dtype
+(float32, float64, bfloat16 under autocast).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dynlab.evaluation import confidence
+from dynlab.evaluation import DECISION_DTYPE, confidence, exits_here
 
 
 def _select(state, keep: torch.Tensor):
@@ -39,15 +43,27 @@ def supports_early_exit(model: nn.Module) -> bool:
     return callable(getattr(model, "exit_step", None))
 
 
+def _checked_thresholds(model: nn.Module, thresholds, device: torch.device) -> torch.Tensor:
+    """Thresholds as a float64 vector with one entry per exit of the model (its num_exits)."""
+    if not supports_early_exit(model):
+        raise TypeError(f"{type(model).__name__} has no exit_step(state, k): real early exit is not available for it")
+    num_exits = getattr(model, "num_exits", None)
+    if not isinstance(num_exits, int) or num_exits < 1:
+        raise TypeError(f"{type(model).__name__} has no num_exits (a positive int), got {num_exits!r}: the engine needs the model's number of exits")
+    t = torch.as_tensor(thresholds, dtype=DECISION_DTYPE, device=device)
+    if t.dim() != 1 or t.numel() != num_exits:
+        raise ValueError(f"thresholds has shape {tuple(t.shape)}, but {type(model).__name__} has {num_exits} exits: expected one threshold per exit ({num_exits},)")
+    return t
+
+
 @torch.no_grad()
 def early_exit(model: nn.Module, images: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
     """Sample i leaves at the first exit k with confidence >= thresholds[k] (the last exit takes all
     that remain): the same rule as :func:`dynlab.evaluation.exit_indices`, computed only as far as
     each sample needs."""
-    if not supports_early_exit(model):
-        raise TypeError(f"{type(model).__name__} has no exit_step(state, k): real early exit is not available for it")
-    B, E = images.shape[0], len(thresholds)
     device = images.device
+    thresholds = _checked_thresholds(model, thresholds, device)
+    B, E = images.shape[0], thresholds.numel()
     pred = torch.empty(B, dtype=torch.long, device=device)
     exit_ = torch.empty(B, dtype=torch.long, device=device)
     conf_out = torch.empty(B, dtype=torch.float64, device=device)
@@ -57,7 +73,7 @@ def early_exit(model: nn.Module, images: torch.Tensor, thresholds: torch.Tensor)
         state, logits = model.exit_step(state, k)
         conf, p = confidence(logits.unsqueeze(0))  # exactly the simulated rule's confidence
         conf, p = conf[0], p[0]
-        done = torch.ones_like(conf, dtype=torch.bool) if k == E - 1 else conf >= float(thresholds[k])
+        done = torch.ones_like(conf, dtype=torch.bool) if k == E - 1 else exits_here(conf, thresholds[k])
         idx = alive[done]
         pred[idx], exit_[idx], conf_out[idx] = p[done], k, conf[done].double()
         keep = ~done

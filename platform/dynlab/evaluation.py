@@ -35,6 +35,8 @@ __all__ = [
     "geometric_expected_cost",
     "calibrate",
     "calibrate_many",
+    "DECISION_DTYPE",
+    "exits_here",
     "exit_indices",
     "budget_point",
     "solve_q",
@@ -66,10 +68,20 @@ def _float_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+# Exit decisions (confidence >= threshold) are made in float64, in the simulated exits
+# (exit_indices) and in the real engine (dynlab.early_exit) alike: every float32 or bfloat16
+# confidence and every Python-float threshold is exact in float64, so no threshold is rounded to
+# the confidences' precision and both paths decide every sample the same way.
+DECISION_DTYPE = torch.float64
+
+
 def _as_thresholds(thresholds, device: torch.device) -> torch.Tensor:
-    if isinstance(thresholds, torch.Tensor):
-        return thresholds.to(device)
-    return torch.as_tensor(thresholds, dtype=torch.float64, device=device)  # keep Python floats exact
+    return torch.as_tensor(thresholds, dtype=DECISION_DTYPE, device=device)
+
+
+def exits_here(conf: torch.Tensor, threshold) -> torch.Tensor:
+    """``conf >= threshold`` compared in :data:`DECISION_DTYPE`: the one exit rule of both paths."""
+    return conf.to(DECISION_DTYPE) >= _as_thresholds(threshold, conf.device)
 
 
 def _type_name(preds) -> str:
@@ -111,7 +123,8 @@ def _pareto_mask(costs: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
 def anytime(preds: Predictions, labels) -> pd.DataFrame:
     """Accuracy and cost of every exit / sub-network (or of the gated network as a whole).
 
-    Columns: ``index, name, cost`` (MACs), ``mmacs``, ``accuracy`` (%).
+    Columns: ``index, name, cost`` (MACs), ``mmacs``, ``accuracy`` (%), ``n_samples`` (how many
+    samples the accuracy is measured on: its binomial standard error depends on it).
     SubnetPredictions add ``pareto`` (on the accuracy-vs-cost front). GatedPredictions give one row
     whose cost is the mean executed cost, plus ``cost_min, cost_p50, cost_max`` (MACs).
     """
@@ -131,6 +144,7 @@ def anytime(preds: Predictions, labels) -> pd.DataFrame:
                 "cost": costs.numpy(),
                 "mmacs": costs.numpy() / 1e6,
                 "accuracy": acc.numpy(),
+                "n_samples": np.full(preds.num_outputs, logits.shape[1], dtype=np.int64),
             }
         )
         if isinstance(preds, SubnetPredictions):
@@ -150,6 +164,7 @@ def anytime(preds: Predictions, labels) -> pd.DataFrame:
                 "cost": [mean_cost],
                 "mmacs": [mean_cost / 1e6],
                 "accuracy": [acc],
+                "n_samples": [int(logits.shape[0])],
                 "cost_min": [float(qs[0])],
                 "cost_p50": [float(qs[1])],
                 "cost_max": [float(qs[2])],
@@ -253,7 +268,7 @@ def exit_indices(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     # walk the exits backwards: the last accepting exit written is the first one
     idx = torch.full(thresholds.shape[:-1] + (conf.shape[1],), E - 1, dtype=torch.long, device=conf.device)
     for k in range(E - 2, -1, -1):
-        idx = torch.where(conf[k] >= thresholds[..., k : k + 1], k, idx)
+        idx = torch.where(exits_here(conf[k], thresholds[..., k : k + 1]), k, idx)
     return idx
 
 
@@ -393,7 +408,7 @@ def budgeted(
     :func:`solve_q`; "pgrid" for the reference grid p = 1..39, q = p/20), ``q``,
     ``requested_budget`` (NaN for the grid), ``heldout_accuracy``, ``heldout_cost``,
     ``test_accuracy``, ``test_cost``, ``thresholds`` (list), ``exit_fraction`` (test, list),
-    ``heldout_exit_fraction`` (list). ``flat_curve`` applies BoostNet's rule to ``test_accuracy``
+    ``heldout_exit_fraction`` (list), ``n_heldout`` and ``n_test`` (sample counts, for standard errors). ``flat_curve`` applies BoostNet's rule to ``test_accuracy``
     and keeps the raw value in ``test_accuracy_raw``.
     """
     for name, value in (("heldout", heldout), ("test", test)):
@@ -447,6 +462,8 @@ def budgeted(
                     "thresholds": T_cpu[i].tolist(),
                     "exit_fraction": frac_t[i].tolist(),
                     "heldout_exit_fraction": frac_h[i].tolist(),
+                    "n_heldout": int(labels_h.numel()),
+                    "n_test": int(labels_t.numel()),
                 }
             )
     frame = pd.DataFrame(rows)
