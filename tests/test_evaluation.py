@@ -219,28 +219,45 @@ def test_budgeted_pgrid_and_budgets():
         budgeted(held, held_labels, test, test_labels, budgets=[hi * 2])
 
 
-def test_flat_curve():
-    held, held_labels = make_exit_preds(6, 800, seed=4)
-    # held-out == test: the flat curve is the running best, so it is monotone in cost
-    df = budgeted(held, held_labels, held, held_labels, flat_curve=True)
-    raw = budgeted(held, held_labels, held, held_labels)
-    assert df["test_accuracy_raw"].tolist() == raw["test_accuracy"].tolist()
-    s = df.sort_values("heldout_cost", kind="stable")
-    assert s["test_accuracy"].is_monotonic_increasing
-    assert s["test_accuracy"].tolist() == s["test_accuracy_raw"].cummax().tolist()
+def hand_flat_curve(raw: pd.DataFrame) -> dict[float, float]:
+    """REFERENCE.md section 2, step 5, written as the references run it: walk the p-grid in its
+    own order (p = 1..39, q ascending, cost rising with q); where held-out accuracy does not
+    strictly improve on the best so far, report the previous reported test accuracy again."""
+    out, best_held, reported = {}, -math.inf, math.nan
+    for q, held, test in sorted(zip(raw["q"], raw["heldout_accuracy"], raw["test_accuracy"])):
+        if held > best_held:
+            best_held, reported = held, test
+        out[q] = reported
+    return out
 
-    # a different test set: where held-out accuracy sets a new best, the raw test value is reported;
-    # otherwise the previous reported value is repeated at the new cost
-    test, test_labels = make_exit_preds(6, 800, seed=5)
-    df = budgeted(held, held_labels, test, test_labels, flat_curve=True).sort_values("heldout_cost", kind="stable")
-    best, previous = -1.0, None
-    for row in df.itertuples():
-        if row.heldout_accuracy > best:
-            best = row.heldout_accuracy
-            assert row.test_accuracy == row.test_accuracy_raw
-        else:
-            assert row.test_accuracy == previous
-        previous = row.test_accuracy
+
+def uneven_exit_preds(N: int, seed: int, C: int = 10) -> tuple[ExitPredictions, torch.Tensor]:
+    """Exits that do not improve with depth (the second is the best): held-out accuracy then
+    rises and falls along the p-grid, which is what the flat-curve rule is for."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, C, (N,), generator=g)
+    logits = torch.randn(6, N, C, generator=g)
+    strength = torch.tensor([0.5, 2.5, 1.0, 2.0, 0.8, 1.5])[:, None]
+    logits[torch.arange(6)[:, None], torch.arange(N)[None, :], labels[None, :]] += strength
+    return ExitPredictions(logits, torch.tensor([1e6 * (k + 1) for k in range(6)], dtype=torch.float64)), labels
+
+
+def test_flat_curve():
+    held, held_labels = uneven_exit_preds(800, seed=4)
+    test, test_labels = uneven_exit_preds(800, seed=5)
+    raw = budgeted(held, held_labels, test, test_labels)
+    flat = budgeted(held, held_labels, test, test_labels, flat_curve=True)
+    assert flat["test_accuracy_raw"].tolist() == raw["test_accuracy"].tolist()
+    expected = hand_flat_curve(raw)
+    assert {q: a for q, a in zip(flat["q"], flat["test_accuracy"])} == expected
+    # the case is not trivial: the rule replaces some test accuracies, and not by the running max
+    changed = (flat["test_accuracy"] != flat["test_accuracy_raw"]).sum()
+    assert 0 < changed < len(flat)
+    assert flat["test_accuracy"].tolist() != raw.sort_values("q")["test_accuracy"].cummax().tolist()
+
+    # held-out == test: the flat curve is then the running best in p order
+    same = budgeted(held, held_labels, held, held_labels, flat_curve=True).sort_values("q")
+    assert same["test_accuracy"].tolist() == same["test_accuracy_raw"].cummax().tolist()
 
 
 def test_budgeted_rejects_other_prediction_types():
