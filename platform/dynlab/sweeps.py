@@ -14,13 +14,15 @@ Train run is named after its hash), so an interrupted sweep resumes where it sto
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -131,8 +133,11 @@ def publish_training(cache: Path, train_key: str, checkpoint_dir: str, result: d
     return cached_training(cache, train_key)
 
 
-def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, cache: str, plugins: list[str]) -> None:
-    """One Tune trial: fit a TorchTrainer for the trial's config, logging into a child run."""
+def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, cache: str, plugins: list[str], owner: str = "") -> None:
+    """One Tune trial: fit a TorchTrainer for the trial's config, logging into a child run. The
+    child run is keyed by the Train run's name, not by the parent: a trial interrupted under one
+    invocation continues its curve in the same child run under the next (re-pointed to the new
+    parent). ``owner`` is the driver process, which the run lives and dies with."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     training.import_plugins(plugins)
@@ -144,8 +149,9 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
         spec["id"],
         tags={"dynlab.trial": spec["id"], "dynlab.trial_label": spec["label"], "dynlab.train_key": spec["train_key"]},
         parent_run_id=parent["run_id"],
-        resume_key=f"{name}@{parent['run_id']}",
+        resume_key=name,
         uri=parent["uri"],
+        owner=owner or None,
     )
     with tracking.run_guard(handle):
         tracking.log_config(handle, cfg)
@@ -181,6 +187,37 @@ def finish_stopped_trials(trials: list[Trial], parent: tracking.RunHandle, exper
             client.set_terminated(run.info.run_id, "FINISHED" if complete else "KILLED")
 
 
+@contextlib.contextmanager
+def stop_signal() -> Iterator[list[str]]:
+    """A list that is non-empty after the block when Tune was stopped by SIGINT (Ctrl-C). Tune
+    catches the signal itself, stops its trials and returns normally; its handler says so in a
+    warning, which is the one trace it leaves, so we listen for that record."""
+    caught: list[str] = []
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Stop signal received"):
+                caught.append(record.getMessage())
+
+    listener = Listener(logging.WARNING)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addHandler(listener)
+    try:
+        yield caught
+    finally:
+        tune_logger.removeHandler(listener)
+
+
+def close_children(parent: tracking.RunHandle, status: str, why: str) -> list[str]:
+    """Close the child runs of ``parent`` still RUNNING (their trial processes were stopped)."""
+    c = tracking.client(parent.uri)
+    running = c.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'")
+    for run in running:
+        c.set_tag(run.info.run_id, "dynlab.closed_by", why)
+        c.set_terminated(run.info.run_id, status)
+    return [r.info.run_id for r in running]
+
+
 @dataclass
 class SweepResult:
     table: pd.DataFrame  # one row per trial
@@ -193,6 +230,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
 
     plugins = plugins or ["methods"]
     cache = cache_root(base)
+    tracking.close_orphans(parent.experiment_id, parent.uri)  # runs a killed invocation left RUNNING
     todo = [t for t in trials if cached_training(cache, t.train_key) is None]
     errors: dict[str, str] = {}
     if todo:
@@ -203,7 +241,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         storage = training.storage_path(base)
         # absolute here, in the driver: a trial runs in its own folder, where "./dynlab_runs" is elsewhere
         specs = {t.id: {"id": t.id, "label": t.label, "config": {**t.config, "run": {**t.config["run"], "storage_path": storage}}, "train_key": t.train_key} for t in todo}
-        fn = tune.with_parameters(train_trial, specs=specs, parent=parent.as_payload(), experiment=experiment, cache=str(cache), plugins=plugins)
+        fn = tune.with_parameters(train_trial, specs=specs, parent=parent.as_payload(), experiment=experiment, cache=str(cache), plugins=plugins, owner=tracking.process_owner())
         scheduler = None
         if base.sweep.asha:
             scheduler = tune.schedulers.ASHAScheduler(metric="heldout/acc_mean", mode="max", max_t=base.run.epochs, grace_period=base.sweep.grace_period)
@@ -213,7 +251,11 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
             tune_config=tune.TuneConfig(max_concurrent_trials=base.sweep.max_concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name=f"{experiment}-sweep-{uuid.uuid4().hex[:6]}", storage_path=storage, verbose=1),
         )
-        grid = tuner.fit()
+        with stop_signal() as stopped:
+            grid = tuner.fit()
+        if stopped:
+            close_children(parent, "KILLED", "interrupted (SIGINT): run the same command again to resume")
+            raise KeyboardInterrupt("sweep interrupted: its trials were stopped and their runs closed KILLED")
         for r in grid:
             if r.error is not None:
                 errors[r.config["trial"]] = _short_error(r.error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -26,6 +27,8 @@ from dynlab.frames import scalar_columns
 
 TRAIN_NAME_TAG = "dynlab.train_name"
 CONFIG_HASH_TAG = "dynlab.config_hash"
+OWNER_TAG = "dynlab.owner"  # host:pid:start of the driver process a RUNNING run belongs to
+PARENTS_TAG = "dynlab.earlier_parents"  # a child run continued under a new parent run lists the old ones
 LOG_RETRY_SECONDS = 30.0  # one metric-logging call retries a dead server this long, then buffers
 HTTP_TIMEOUT_SECONDS = "10"  # per request while logging metrics; MLflow's default is 120 s with 7 retries
 
@@ -187,25 +190,96 @@ class RunHandle:
         client(self.uri).set_terminated(self.run_id, status)
 
 
-def open_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, parent_run_id: str | None = None, resume_key: str | None = None, uri: str | None = None) -> RunHandle:
-    """Create a run, or reopen the unfinished run with the same ``resume_key`` (a resumed training).
-    In a Ray worker pass ``uri`` (the driver's): a worker's environment and folder are not the driver's."""
+def open_run(
+    experiment: str,
+    run_name: str,
+    tags: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    resume_key: str | None = None,
+    uri: str | None = None,
+    owner: str | None = None,
+) -> RunHandle:
+    """Create a run, or reopen the unfinished run with the same ``resume_key`` (a resumed training),
+    re-pointed to ``parent_run_id`` when it had another parent (earlier parents kept in a tag).
+    In a Ray worker pass ``uri`` (the driver's): a worker's environment and folder are not the driver's.
+    ``owner`` (default: this process) is the driver process the run lives and dies with; see
+    :func:`close_orphans`."""
     uri = uri or tracking_uri()
     exp_id = experiment_id(experiment, uri)
     c = client(uri)
     tags = {k: str(v) for k, v in (tags or {}).items()}
+    tags[OWNER_TAG] = owner or process_owner()
     if resume_key:
         tags[TRAIN_NAME_TAG] = resume_key
         found = c.search_runs([exp_id], filter_string=f"tags.`{TRAIN_NAME_TAG}` = '{resume_key}'", max_results=1, order_by=["attributes.start_time DESC"])
         if found and found[0].info.status != "FINISHED":
-            run_id = found[0].info.run_id
-            c.update_run(run_id, status="RUNNING")
-            c.set_tag(run_id, "dynlab.resumed", "true")
-            return RunHandle(uri, run_id, exp_id)
+            return _reopen(c, found[0], uri, exp_id, parent_run_id, tags[OWNER_TAG])
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, tags=tags, run_name=run_name)
     return RunHandle(uri, run.info.run_id, exp_id)
+
+
+def _reopen(c, run, uri: str, exp_id: str, parent_run_id: str | None, owner: str) -> RunHandle:
+    """An unfinished run continued: RUNNING again, owned by this driver, under its new parent."""
+    run_id = run.info.run_id
+    c.update_run(run_id, status="RUNNING")
+    c.set_tag(run_id, "dynlab.resumed", "true")
+    c.set_tag(run_id, OWNER_TAG, owner)
+    old_parent = run.data.tags.get("mlflow.parentRunId")
+    if parent_run_id and old_parent != parent_run_id:
+        earlier = [p for p in run.data.tags.get(PARENTS_TAG, "").split(",") if p]
+        c.set_tag(run_id, PARENTS_TAG, ",".join([*earlier, old_parent] if old_parent else earlier))
+        c.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+    return RunHandle(uri, run_id, exp_id)
+
+
+def process_owner(pid: int | None = None) -> str:
+    """``host:pid:start`` of a process (this one by default): who owns a run while it is RUNNING."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    """When a process started (Linux: clock ticks since boot), to tell it from a later one with the
+    same pid; empty where /proc is not available."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process named by :func:`process_owner` still runs; None when it cannot be told
+    (another host, or no owner recorded)."""
+    host, _, rest = owner.partition(":")
+    pid, _, start = rest.partition(":")
+    if not owner or host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    return _start_ticks(int(pid)) == start  # a reused pid is another process
+
+
+def close_orphans(experiment_id: str, uri: str | None = None, status: str = "KILLED") -> list[str]:
+    """Close the RUNNING runs of an experiment whose owning driver is gone (killed, crashed, the
+    machine rebooted): mark them ``status`` with a tag saying why. Runs of live drivers and runs
+    whose owner cannot be checked (another host) are left alone. Returns the closed run ids."""
+    c = client(uri)
+    closed = []
+    for run in c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        owner = run.data.tags.get(OWNER_TAG, "")
+        if owner_alive(owner) is False:
+            c.set_tag(run.info.run_id, "dynlab.closed_by", f"a later invocation: its driver {owner} is gone")
+            c.set_terminated(run.info.run_id, status)
+            closed.append(run.info.run_id)
+    if closed:
+        _warn(f"closed {len(closed)} run(s) left RUNNING by a driver that is gone: marked {status}")
+    return closed
 
 
 @contextlib.contextmanager
