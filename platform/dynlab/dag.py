@@ -2,22 +2,23 @@
 each cached under a content hash of what it depends on.
 
 A :class:`Step` is a function ``fn(ctx, **inputs) -> dict`` whose inputs are the (JSON) results of
-upstream steps. :func:`run` validates the graph, prints it, and processes the steps as they become
-ready: a step whose key is in the cache is loaded (no Ray task), any other runs as a Ray task (or in
-the driver, ``where="driver"``), independent steps concurrently.
+upstream steps. :func:`run` validates the graph, checks that the cache can be written, prints the
+graph, and processes the steps as they become ready: a step whose key is in the cache is loaded (no
+Ray task), any other runs as a Ray task (or in the driver, ``where="driver"``), independent steps
+concurrently. A failed step is recorded and its downstream steps skipped; ``run`` never raises for
+a step.
 
-The key of a step is a SHA-256 over its function (module and qualified name), ``version``, the
-canonical JSON of ``config`` and, for every input, the *content identity* of the upstream value it
-selects (the hash of its canonical JSON, where a path into the upstream's folder counts by the
-hash of the file or folder it names). The step's name is not part of it: renamed but identical work
-is shared, and a step whose upstream re-ran but produced the same content stays cached.
+The key of a step (:func:`step_key`) is a SHA-256 over its function (module and qualified name),
+``version``, the canonical JSON of ``config`` and, for every input, the *content identity* of the
+upstream value it selects (the hash of its canonical JSON, where a path into the upstream's folder
+counts by the hash of the file or folder it names). The step's name is not part of it: renamed but
+identical work is shared, and a step whose upstream re-ran but produced the same content stays
+cached. The cache itself (layout, atomic commit, paths) is :mod:`dynlab.stepcache`; on a
+multi-node cluster ``cache_dir`` must be a shared mount: tasks write to it.
 
-Cache layout: ``<cache_dir>/<fn name>/<key>/`` holds the files the step wrote into its private
-``ctx.out_dir`` and ``result.json``. A step writes into ``<cache_dir>/.tmp/<key>-<random>``; the
-runner writes ``result.json`` last and renames the folder into place, so a folder without
-``result.json`` (a crash, a leftover temp) is never taken for a result. Strings of a result that
-are paths inside ``ctx.out_dir`` are stored relative and come back absolute, inside the cache
-folder. On a multi-node cluster ``cache_dir`` must be a shared mount: tasks write to it.
+Parts, each readable alone: validation (:func:`validate`), keys (:func:`step_key`, :class:`Job`),
+one attempt of a step wherever it runs (:func:`execute`), and the runner (:class:`_Runner`: start
+a ready step, run it in the driver or submit it to Ray, settle its outcome, propagate failures).
 
 This module imports Ray only when a task must run, so a pipeline whose steps are all cached
 finishes in well under a second without starting Ray.
@@ -26,33 +27,30 @@ finishes in well under a second without starting Ray.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import graphlib
-import hashlib
 import json
-import numbers
 import os
 import re
 import secrets
-import shutil
 import sys
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Callable
 
 from dynlab.errors import DynlabError
+from dynlab.stepcache import RESULT_FILE, TMP_DIR  # noqa: F401  (names of the cache layout, kept here too)
+from dynlab.stepcache import FORMAT, Cache, CacheError, DagError, absolute, canonical_json, content_form, plain, seal, sha
 
-FORMAT = 1
-RESULT_FILE = "result.json"
-TMP_DIR = ".tmp"
+__all__ = ["Step", "StepContext", "StepRecord", "PipelineResult", "StepFailed", "DagError", "CacheError", "run", "validate", "describe", "step_key"]
+
 WHERE = ("task", "driver")
 STATUSES = ("cached", "ran", "failed", "skipped")
-
-
-class DagError(DynlabError, ValueError):
-    """A pipeline is malformed (names, inputs, cycles) or a step returned something unusable."""
+# Errors of a step's own writes into its cache folder that running it again cannot fix.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 class StepFailed(DynlabError, RuntimeError):
@@ -161,226 +159,13 @@ class PipelineResult:
         return self
 
 
-# --- JSON: normalising, hashing, paths -------------------------------------------------------------
+
+# --- validation ------------------------------------------------------------------------------------
 
 
-def _plain(value: Any, where: str, *, objects: bool = False) -> Any:
-    """``value`` as plain JSON data (dict / list / str / int / float / bool / None), or a DagError
-    naming ``where``. Paths become strings, tuples lists, numpy scalars Python numbers. With
-    ``objects``, dataclasses and objects with ``to_dict()`` are accepted too (configs)."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise DagError(f"{where} has the key {k!r} ({type(k).__name__}): JSON keys must be strings")
-            out[k] = _plain(v, f"{where}[{k!r}]", objects=objects)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]", objects=objects) for i, v in enumerate(value)]
-    if objects and dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value), where, objects=objects)
-    if objects and callable(getattr(value, "to_dict", None)):
-        return _plain(value.to_dict(), where, objects=objects)
-    raise DagError(
-        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which JSON cannot hold: "
-        "use dicts, lists, strings, numbers, booleans and None (write arrays and tables to files "
-        "in ctx.out_dir and return their paths)"
-    )
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tree_digest(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's relative names and file contents."""
-    if path.is_file():
-        return _file_digest(path)
-    h = hashlib.sha256(b"dir\0")
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and not (p.parent == path and p.name == RESULT_FILE):
-            h.update(f"{p.relative_to(path).as_posix()}\0{_file_digest(p)}\0".encode())
-    return h.hexdigest()
-
-
-def _walk_strings(value: Any, at: tuple = ()):
-    """(location, string) for every string value, depth first."""
-    if isinstance(value, str):
-        yield at, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _walk_strings(v, (*at, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _walk_strings(v, (*at, i))
-
-
-def _set_at(value: Any, at: list | tuple, new: Any) -> Any:
-    if not at:
-        return new
-    value[at[0]] = _set_at(value[at[0]], at[1:], new)
-    return value
-
-
-def _location(at) -> str:
-    return "result" + "".join(f"[{a!r}]" for a in at)
-
-
-def _seal(result: Any, out_dir: Path, name: str) -> tuple[dict, list[dict]]:
-    """The result as stored: plain JSON with paths into ``out_dir`` made relative, and the list
-    of those paths (location, relative path, content hash)."""
-    if result is None:
-        result = {}
-    if not isinstance(result, Mapping):
-        raise DagError(f"step '{name}' returned a {type(result).__name__}: a step returns a dict (or None)")
-    stored = _plain(result, f"step '{name}': result")
-    root = str(out_dir)
-    paths = []
-    for at, s in list(_walk_strings(stored)):
-        if s == root or s.startswith(root + os.sep):
-            p = Path(s)
-            if not p.exists():
-                raise DagError(f"step '{name}': {_location(at)} = {s!r} points into ctx.out_dir, but the step wrote nothing there")
-            rel = p.relative_to(out_dir).as_posix()
-            if rel == RESULT_FILE:
-                raise DagError(f"step '{name}': {RESULT_FILE} in ctx.out_dir is reserved for the runner")
-            paths.append({"at": list(at), "rel": rel, "sha256": _tree_digest(p)})
-            _set_at(stored, at, rel)
-    if (out_dir / RESULT_FILE).exists():
-        raise DagError(f"step '{name}' wrote {RESULT_FILE} into ctx.out_dir: that name is reserved for the runner")
-    return stored, paths
-
-
-def _absolute(doc: dict, folder: Path) -> dict:
-    """The result of a stored document with its relative paths made absolute inside ``folder``."""
-    result = json.loads(json.dumps(doc["result"]))
-    for p in doc["paths"]:
-        _set_at(result, p["at"], str(folder) if p["rel"] == "." else str(folder / p["rel"]))
-    return result
-
-
-def _content(doc: dict) -> dict:
-    """The result with each path replaced by what it names (relative name and content hash): the
-    form whose hash identifies an input."""
-    content = json.loads(json.dumps(doc["result"]))
-    for p in doc["paths"]:
-        _set_at(content, p["at"], f"\0file:{p['rel']}:sha256:{p['sha256']}")
-    return content
-
-
-# --- executing one step (in a Ray worker or in the driver) -----------------------------------------
-
-
-def _bump(counter: Path) -> int:
-    """Count this attempt in ``counter`` (one byte per attempt); returns the attempt number."""
-    with open(counter, "ab") as f:
-        f.write(b".")
-        return f.tell()
-
-
-def _load_doc(folder: Path, key: str) -> dict | None:
-    """The stored document of a complete cache folder, or None."""
-    try:
-        doc = json.loads((folder / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("key") != key:
-        return None
-    return doc
-
-
-def _commit(tmp: Path, final: Path, key: str, replace: bool) -> dict:
-    """Move the finished ``tmp`` folder into place; returns the document that is there after."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        existing = _load_doc(final, key)
-        if existing is not None and not replace:  # produced meanwhile by another pipeline: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            return existing
-        old = tmp.with_name(f"{tmp.name}-old")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    return json.loads((final / RESULT_FILE).read_text())
-
-
-def _execute(fn: Callable, spec: dict, config: Any, inputs: dict[str, Any]) -> dict:
-    """Run one attempt of a step and seal its folder into the cache. Exceptions of ``fn`` propagate
-    (to be retried); a result that cannot be stored comes back as ``{"ok": False, ...}``, since
-    running it again would not help."""
-    attempt = _bump(Path(spec["counter"]))
-    tmp = Path(spec["cache_dir"]) / TMP_DIR / f"{spec['tmp_prefix']}{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
-    try:
-        result = fn(StepContext(spec["name"], spec["key"], tmp, config, attempt), **inputs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - t0
-    try:
-        stored, paths = _seal(result, tmp, spec["name"])
-    except DagError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return {"ok": False, "error": str(err), "attempt": attempt, "seconds": seconds}
-    doc = {
-        "format": FORMAT,
-        "key": spec["key"],
-        "step": spec["name"],
-        "fn": spec["fn"],
-        "version": spec["version"],
-        "config": spec["config"],
-        "inputs": spec["identities"],
-        "result": stored,
-        "paths": paths,
-        "seconds": round(seconds, 4),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    part = tmp / f"{RESULT_FILE}.part"
-    part.write_text(json.dumps(doc, indent=1, allow_nan=True))
-    os.replace(part, tmp / RESULT_FILE)  # written last: its presence marks a complete folder
-    doc = _commit(tmp, Path(spec["final"]), spec["key"], replace=not spec["cache"])
-    return {"ok": True, "doc": doc, "attempt": attempt, "seconds": seconds}
-
-
-_REMOTE = None
-
-
-def _ensure_ray(log: Callable[[str], Any]):
-    """Ray, initialised (``RAY_ADDRESS`` or a local instance) only now that a task must run."""
-    from dynlab.cluster import ensure_ray
-
-    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
-        log(f"[dag] starting Ray ({os.environ.get('RAY_ADDRESS') or 'local'})")
-    return ensure_ray()
-
-
-# --- the runner --------------------------------------------------------------------------------------
-
-
-def _fn_id(fn: Callable, step: str) -> str:
+def fn_id(fn: Callable, step: str) -> str:
+    """``module:qualname`` of a step function (part of its key), or a DagError for a lambda,
+    closure or partial (whose name says nothing about what it computes)."""
     qual = getattr(fn, "__qualname__", None)
     module = getattr(fn, "__module__", None)
     if not qual or not module or "<" in qual:
@@ -394,12 +179,8 @@ def _fn_id(fn: Callable, step: str) -> str:
     return f"{module}:{qual}"
 
 
-def _short(fn: Callable) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", getattr(fn, "__name__", "step")) or "step"
-
-
-def validate(steps: list[Step]) -> graphlib.TopologicalSorter:
-    """Check names, inputs, options and cycles; returns the (not yet prepared) sorter."""
+def _check_names(steps: list[Step]) -> dict[str, int]:
+    """Step name -> index, or a DagError for a non-step, an empty or a duplicate name."""
     seen: dict[str, int] = {}
     for i, s in enumerate(steps):
         if not isinstance(s, Step):
@@ -409,38 +190,52 @@ def validate(steps: list[Step]) -> graphlib.TopologicalSorter:
         if s.name in seen:
             raise DagError(f"duplicate step name '{s.name}' (steps[{seen[s.name]}] and steps[{i}]): names must be unique")
         seen[s.name] = i
-    graph: dict[str, set[str]] = {}
+    return seen
+
+
+def _check_options(s: Step) -> None:
+    if not callable(s.fn):
+        raise DagError(f"step '{s.name}': fn = {s.fn!r} is not callable")
+    if s.cache:
+        fn_id(s.fn, s.name)
+    if s.where not in WHERE:
+        raise DagError(f"step '{s.name}': where = {s.where!r} is not allowed: expected one of {', '.join(WHERE)}")
+    if not isinstance(s.retries, int) or isinstance(s.retries, bool) or s.retries < 0:
+        raise DagError(f"step '{s.name}': retries = {s.retries!r} is not allowed: expected an integer >= 0")
+    if not isinstance(s.resources, Mapping):
+        raise DagError(f"step '{s.name}': resources = {s.resources!r} is not allowed: expected a dict of Ray task options")
+    plain(s.config, f"step '{s.name}': config", objects=True)
+
+
+def _dependencies(s: Step, names: Mapping[str, int]) -> set[str]:
+    """The upstream step names of ``s``, or a DagError for a malformed input."""
+    if not isinstance(s.inputs, Mapping):
+        raise DagError(f"step '{s.name}': inputs = {s.inputs!r} is not allowed: expected a dict arg -> step name or (step name, key)")
+    deps = set()
+    for arg, src in s.inputs.items():
+        if not isinstance(arg, str) or not arg.isidentifier() or arg == "ctx":
+            raise DagError(f"step '{s.name}': input name {arg!r} is not allowed: expected a Python identifier other than 'ctx'")
+        ok = isinstance(src, str) or (isinstance(src, (tuple, list)) and len(src) == 2 and all(isinstance(x, str) for x in src))
+        if not ok:
+            raise DagError(f"step '{s.name}': input '{arg}' = {src!r} is not allowed: expected a step name or (step name, result key)")
+        up = src if isinstance(src, str) else src[0]
+        if up not in names:
+            raise DagError(f"step '{s.name}': input '{arg}' refers to unknown step '{up}' (steps: {', '.join(names)})")
+        if up == s.name:
+            raise DagError(f"step '{s.name}': input '{arg}' refers to the step itself (a cycle)")
+        deps.add(up)
+    return deps
+
+
+def validate(steps: list[Step]) -> graphlib.TopologicalSorter:
+    """Check names, inputs, options and cycles; returns the (not yet prepared) sorter."""
+    names = _check_names(steps)
+    graph = {}
     for s in steps:
-        if not callable(s.fn):
-            raise DagError(f"step '{s.name}': fn = {s.fn!r} is not callable")
-        if s.cache:
-            _fn_id(s.fn, s.name)
-        if s.where not in WHERE:
-            raise DagError(f"step '{s.name}': where = {s.where!r} is not allowed: expected one of {', '.join(WHERE)}")
-        if not isinstance(s.retries, int) or isinstance(s.retries, bool) or s.retries < 0:
-            raise DagError(f"step '{s.name}': retries = {s.retries!r} is not allowed: expected an integer >= 0")
-        if not isinstance(s.resources, Mapping):
-            raise DagError(f"step '{s.name}': resources = {s.resources!r} is not allowed: expected a dict of Ray task options")
-        _plain(s.config, f"step '{s.name}': config", objects=True)
-        if not isinstance(s.inputs, Mapping):
-            raise DagError(f"step '{s.name}': inputs = {s.inputs!r} is not allowed: expected a dict arg -> step name or (step name, key)")
-        deps = set()
-        for arg, src in s.inputs.items():
-            if not isinstance(arg, str) or not arg.isidentifier() or arg == "ctx":
-                raise DagError(f"step '{s.name}': input name {arg!r} is not allowed: expected a Python identifier other than 'ctx'")
-            ok = isinstance(src, str) or (isinstance(src, (tuple, list)) and len(src) == 2 and all(isinstance(x, str) for x in src))
-            if not ok:
-                raise DagError(f"step '{s.name}': input '{arg}' = {src!r} is not allowed: expected a step name or (step name, result key)")
-            up = src if isinstance(src, str) else src[0]
-            if up not in seen:
-                raise DagError(f"step '{s.name}': input '{arg}' refers to unknown step '{up}' (steps: {', '.join(seen)})")
-            if up == s.name:
-                raise DagError(f"step '{s.name}': input '{arg}' refers to the step itself (a cycle)")
-            deps.add(up)
-        graph[s.name] = deps
-    sorter = graphlib.TopologicalSorter(graph)
+        _check_options(s)
+        graph[s.name] = _dependencies(s, names)
     try:
-        sorter.prepare()
+        graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as err:
         cycle = err.args[1]
         raise DagError(f"the steps form a cycle: {' -> '.join(cycle)} (step '{cycle[0]}' depends on itself through it)") from None
@@ -460,24 +255,164 @@ def describe(steps: list[Step]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def step_key(fn: str, version: str, config: Any, identities: dict[str, str]) -> str:
+    """The cache key: what the result depends on (function, version, config, input contents)."""
+    payload = {"dynlab.dag": FORMAT, "fn": fn, "version": version, "config": config, "inputs": identities}
+    return sha(canonical_json(payload))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One step, keyed and placed in the cache: everything an attempt needs (sent to Ray tasks)."""
+
+    name: str
+    key: str
+    fn: str
+    version: str
+    config: Any  # plain JSON
+    identities: dict[str, str]  # input -> content hash
+    cache: bool
+    cache_dir: str
+    final: str  # the result folder
+    tmp_prefix: str  # this run's attempt folders of this step: <cache>/.tmp/<tmp_prefix>*
+    counter: str  # file counting this run's attempts of this step
+
+    @classmethod
+    def of(cls, step: Step, identities: dict[str, str], cache: Cache, run_id: str) -> Job:
+        fid = fn_id(step.fn, step.name) if step.cache else f"{getattr(step.fn, '__module__', '?')}:{getattr(step.fn, '__qualname__', repr(step.fn))}"
+        config = plain(step.config, f"step '{step.name}': config", objects=True)
+        key = step_key(fid, str(step.version), config, identities)
+        attempts = f"{key}-{run_id}{sha(step.name)[:6]}"
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", getattr(step.fn, "__name__", "step")) or "step"
+        return cls(
+            step.name, key, fid, str(step.version), config, identities, step.cache, str(cache.root),
+            str(cache.folder(folder, key)), f"{attempts}-", str(cache.tmp / f"{attempts}.attempts"),
+        )  # fmt: skip
+
+    def document(self, stored: dict, paths: list[dict], seconds: float) -> dict:
+        """What ``result.json`` holds."""
+        return {
+            "format": FORMAT,
+            "key": self.key,
+            "step": self.name,
+            "fn": self.fn,
+            "version": self.version,
+            "config": self.config,
+            "inputs": self.identities,
+            "result": stored,
+            "paths": paths,
+            "seconds": round(seconds, 4),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+# --- one attempt of a step (in a Ray worker or in the driver) ----------------------------------------
+
+
+def _disk_error(err: BaseException, tmp: Path) -> CacheError | None:
+    """A CacheError for a step's own write into its cache folder that failed for lack of space or
+    permission (running it again cannot help), else None."""
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS and str(err.filename or "").startswith(str(tmp)):
+        return CacheError.from_os(err, tmp, "write the step's files to")
+    return None
+
+
+def execute(fn: Callable, job: Job, config: Any, inputs: dict[str, Any]) -> dict:
+    """Run one attempt of a step and commit its folder into the cache. Exceptions of ``fn``
+    propagate (to be retried); a result that cannot be stored (not JSON, a full disk) comes back
+    as ``{"ok": False, ...}`` with its attempt folder removed, since running it again would not help."""
+    cache = Cache(job.cache_dir)
+    attempt = cache.count_attempt(Path(job.counter))
+    tmp = cache.new_attempt(job.tmp_prefix)
+    t0 = time.perf_counter()
+    try:
+        result = fn(StepContext(job.name, job.key, tmp, config, attempt), **inputs)
+    except BaseException as err:
+        cache.discard(tmp)
+        disk = _disk_error(err, tmp)
+        if disk is None:
+            raise
+        return {"ok": False, "error": str(disk), "attempt": attempt, "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    try:
+        stored, paths = seal(result, tmp, job.name)
+        cache.write_result(tmp, job.document(stored, paths, seconds))
+        doc = cache.commit(tmp, Path(job.final), job.key, replace=not job.cache)
+    except (DagError, CacheError) as err:
+        cache.discard(tmp)
+        return {"ok": False, "error": str(err), "attempt": attempt, "seconds": seconds}
+    return {"ok": True, "doc": doc, "attempt": attempt, "seconds": seconds}
+
+
+_REMOTE = None
+
+
+def _remote_execute(log: Callable[[str], Any]):
+    """:func:`execute` as a Ray remote function; Ray is initialised (``RAY_ADDRESS`` or a local
+    instance) only now that a task must run."""
+    global _REMOTE
+    from dynlab.cluster import ensure_ray
+
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        log(f"[dag] starting Ray ({os.environ.get('RAY_ADDRESS') or 'local'})")
+    ray = ensure_ray()
+    if _REMOTE is None:
+        _REMOTE = ray.remote(execute)
+    return _REMOTE
+
+
+# --- the runner --------------------------------------------------------------------------------------
+
+
 class _Runner:
-    def __init__(self, steps: list[Step], cache_dir: Path, log: Callable[[str], Any]):
+    """Processes the steps as the sorter releases them. Each step ends in one record: cached (loaded),
+    ran, failed, or skipped (an upstream step failed). Steps with the same key as one running now
+    wait for it ("followers") instead of computing the same thing twice."""
+
+    def __init__(self, steps: list[Step], cache: Cache, log: Callable[[str], Any]):
         self.steps = {s.name: s for s in steps}
         self.order = [s.name for s in steps]
-        self.cache_dir = cache_dir
+        self.cache = cache
         self.log = log
         self.run_id = secrets.token_hex(4)
         self.records: dict[str, StepRecord] = {}
         self.results: dict[str, dict] = {}  # absolute form, handed downstream
         self.contents: dict[str, dict] = {}  # content form, hashed into downstream keys
         self.blame: dict[str, str] = {}  # failed or skipped step -> the failed step at the root
-        self.pending: dict[Any, tuple[str, dict, float]] = {}  # Ray ref -> (step, spec, submitted at)
-        self.driver_queue: list[tuple[str, dict, dict]] = []
+        self.pending: dict[Any, tuple[str, Job, float]] = {}  # Ray ref -> (step, job, submitted at)
+        self.driver_queue: list[tuple[str, Job, dict]] = []
         self.in_flight: dict[str, str] = {}  # key -> the step computing it
         self.followers: dict[str, list[str]] = {}  # step computing a key -> steps with the same key
 
-    # keys and cache
+    # records
+    def _succeed(self, name: str, doc: dict, folder: Path, status: str, attempts: int, seconds: float) -> None:
+        self.results[name] = absolute(doc, folder)
+        self.contents[name] = content_form(doc)
+        self.records[name] = StepRecord(name, doc["key"], status, attempts, round(seconds, 3), None, self.steps[name].where, str(folder))
+        if status == "cached":
+            self.log(f"[dag] cached {name}")
+        else:
+            self.log(f"[dag] ran {name} in {seconds:.1f}s" + (f" (attempt {attempts})" if attempts > 1 else ""))
+        self.sorter.done(name)
+
+    def _fail(self, name: str, key: str | None, error: str, attempts: int, seconds: float, tb: str | None = None, root: str | None = None) -> None:
+        self.records[name] = StepRecord(name, key, "failed", attempts, round(seconds, 3), error, self.steps[name].where, None, tb)
+        self.blame[name] = root or name
+        self.log(f"[dag] FAILED {name} after {attempts} attempt(s): {error}")
+        self.sorter.done(name)
+
+    def _skip(self, name: str, root: str) -> None:
+        self.blame[name] = root
+        self.records[name] = StepRecord(name, None, "skipped", 0, 0.0, f"upstream {root} failed", self.steps[name].where)
+        self.log(f"[dag] skipped {name} (upstream {root} failed)")
+        self.sorter.done(name)
+
+    # starting a ready step
     def _inputs(self, step: Step) -> tuple[dict[str, Any], dict[str, str]]:
+        """Input values (absolute paths) and their content identities, from the upstream results."""
         values, identities = {}, {}
         for arg, (up, k) in step.upstream().items():
             value, content = self.results[up], self.contents[up]
@@ -486,138 +421,66 @@ class _Runner:
                     raise DagError(f"step '{step.name}': input '{arg}' selects key '{k}' of step '{up}', whose result has the keys {sorted(value)}")
                 value, content = value[k], content[k]
             values[arg] = value
-            identities[arg] = _sha(canonical_json(content))
+            identities[arg] = sha(canonical_json(content))
         return values, identities
 
-    def _spec(self, step: Step, identities: dict[str, str]) -> dict:
-        fn_id = _fn_id(step.fn, step.name) if step.cache else f"{getattr(step.fn, '__module__', '?')}:{getattr(step.fn, '__qualname__', repr(step.fn))}"
-        config = _plain(step.config, f"step '{step.name}': config", objects=True)
-        payload = {"dynlab.dag": FORMAT, "fn": fn_id, "version": str(step.version), "config": config, "inputs": identities}
-        key = _sha(canonical_json(payload))
-        return {
-            "name": step.name,
-            "key": key,
-            "fn": fn_id,
-            "version": str(step.version),
-            "config": config,
-            "identities": identities,
-            "cache": step.cache,
-            "cache_dir": str(self.cache_dir),
-            "final": str(self.cache_dir / _short(step.fn) / key),
-            "tmp_prefix": f"{key}-{self.run_id}{_sha(step.name)[:6]}-",  # this run's attempts of this step
-            "counter": str(self.cache_dir / TMP_DIR / f"{key}-{self.run_id}{_sha(step.name)[:6]}.attempts"),
-        }
-
-    def _succeed(self, name: str, doc: dict, folder: Path, status: str, attempts: int, seconds: float) -> None:
-        step = self.steps[name]
-        self.results[name] = _absolute(doc, folder)
-        self.contents[name] = _content(doc)
-        self.records[name] = StepRecord(name, doc["key"], status, attempts, round(seconds, 3), None, step.where, str(folder))
-        if status == "cached":
-            self.log(f"[dag] cached {name}")
-        else:
-            self.log(f"[dag] ran {name} in {seconds:.1f}s" + (f" (attempt {attempts})" if attempts > 1 else ""))
-
-    def _fail(self, name: str, key: str | None, error: str, attempts: int, seconds: float, tb: str | None = None) -> None:
-        step = self.steps[name]
-        self.records[name] = StepRecord(name, key, "failed", attempts, round(seconds, 3), error, step.where, None, tb)
-        self.blame[name] = name
-        self.log(f"[dag] FAILED {name} after {attempts} attempt(s): {error}")
-
-    def _finish_key(self, leader: str, spec: dict) -> None:
-        """Settle the steps that waited on the same key as ``leader``."""
-        if self.in_flight.get(spec["key"]) == leader:
-            del self.in_flight[spec["key"]]
-        Path(spec["counter"]).unlink(missing_ok=True)
-        for tmp in (self.cache_dir / TMP_DIR).glob(f"{spec['tmp_prefix']}*"):  # attempts killed before cleaning up
-            shutil.rmtree(tmp, ignore_errors=True)
-        rec = self.records[leader]
-        for f in self.followers.pop(leader, []):
-            if rec.status == "ran":
-                doc = _load_doc(Path(spec["final"]), spec["key"])
-                self._succeed(f, doc, Path(spec["final"]), "cached", 0, 0.0)
-            else:
-                self._fail(f, spec["key"], f"same work as step '{leader}', which failed: {rec.error}", 0, 0.0)
-                self.blame[f] = leader
-            self.sorter.done(f)
-
-    # processing
     def start(self, name: str) -> None:
-        """A step whose upstream steps are all settled: skip, load, or launch it."""
+        """A step whose upstream steps are all settled: skip, load, wait for the same work, or launch it."""
         step = self.steps[name]
-        bad = [up for up, _ in step.upstream().values() if up in self.blame]
-        if bad:
-            root = self.blame[bad[0]]
-            self.blame[name] = root
-            self.records[name] = StepRecord(name, None, "skipped", 0, 0.0, f"upstream {root} failed", step.where)
-            self.log(f"[dag] skipped {name} (upstream {root} failed)")
-            self.sorter.done(name)
+        failed_upstream = [up for up, _ in step.upstream().values() if up in self.blame]
+        if failed_upstream:
+            self._skip(name, self.blame[failed_upstream[0]])
             return
         try:
             values, identities = self._inputs(step)
-            spec = self._spec(step, identities)
+            job = Job.of(step, identities, self.cache, self.run_id)
         except DagError as err:
             self._fail(name, None, str(err), 0, 0.0)
-            self.sorter.done(name)
             return
-        final = Path(spec["final"])
-        if step.cache:
-            doc = _load_doc(final, spec["key"])
-            if doc is not None:
-                self._succeed(name, doc, final, "cached", 0, 0.0)
-                self.sorter.done(name)
-                return
-            if spec["key"] in self.in_flight:  # the same work under another name, running now
-                self.followers.setdefault(self.in_flight[spec["key"]], []).append(name)
-                return
-            self.in_flight[spec["key"]] = name
+        if step.cache and (self._load_cached(name, job) or self._follow(name, job)):
+            return
         if step.where == "driver":
-            self.driver_queue.append((name, spec, values))
+            self.driver_queue.append((name, job, values))
         else:
-            self._submit(name, spec, values)
+            self._submit(name, job, values)
 
-    def _submit(self, name: str, spec: dict, values: dict) -> None:
-        global _REMOTE
+    def _load_cached(self, name: str, job: Job) -> bool:
+        doc = self.cache.load(Path(job.final), job.key)
+        if doc is not None:
+            self._succeed(name, doc, Path(job.final), "cached", 0, 0.0)
+        return doc is not None
+
+    def _follow(self, name: str, job: Job) -> bool:
+        """Wait for the step computing the same key, if one is running; else claim the key."""
+        leader = self.in_flight.get(job.key)
+        if leader is not None:
+            self.followers.setdefault(leader, []).append(name)
+            return True
+        self.in_flight[job.key] = name
+        return False
+
+    # running
+    def _submit(self, name: str, job: Job, values: dict) -> None:
         step = self.steps[name]
-        ray = _ensure_ray(self.log)
-        if _REMOTE is None:
-            _REMOTE = ray.remote(_execute)
         options = {**step.resources, "max_retries": step.retries, "retry_exceptions": True, "name": f"dag:{name}"}
-        ref = _REMOTE.options(**options).remote(step.fn, spec, step.config, values)
-        self.pending[ref] = (name, spec, time.perf_counter())
-
-    def _attempts(self, spec: dict) -> int:
-        try:
-            return Path(spec["counter"]).stat().st_size
-        except OSError:
-            return 0
-
-    def _outcome(self, name: str, spec: dict, out: dict | None, err: BaseException | None, started: float) -> None:
-        if err is None and out["ok"]:
-            self._succeed(name, out["doc"], Path(spec["final"]), "ran", out["attempt"], out["seconds"])
-        elif err is None:
-            self._fail(name, spec["key"], out["error"], out["attempt"], out["seconds"])
-        else:
-            cause = getattr(err, "cause", None) or err
-            tb = str(err) if cause is not err else "".join(traceback.format_exception(err))
-            self._fail(name, spec["key"], f"{type(cause).__name__}: {cause}".strip(), max(self._attempts(spec), 1), time.perf_counter() - started, tb)
-        self._finish_key(name, spec)
-        self.sorter.done(name)
+        ref = _remote_execute(self.log).options(**options).remote(step.fn, job, step.config, values)
+        self.pending[ref] = (name, job, time.perf_counter())
 
     def run_driver_step(self) -> None:
-        name, spec, values = self.driver_queue.pop(0)
+        """The next driver step, in this process, with its retries."""
+        name, job, values = self.driver_queue.pop(0)
         step = self.steps[name]
         started = time.perf_counter()
         for attempt in range(step.retries + 1):
             try:
-                out = _execute(step.fn, spec, step.config, values)
+                out = execute(step.fn, job, step.config, values)
             except Exception as err:  # noqa: BLE001  (recorded; KeyboardInterrupt propagates)
                 if attempt < step.retries:
                     self.log(f"[dag] {name} failed (attempt {attempt + 1}), retrying: {type(err).__name__}: {err}")
                     continue
-                self._outcome(name, spec, None, err, started)
+                self._outcome(name, job, None, err, started)
                 return
-            self._outcome(name, spec, out, None, started)
+            self._outcome(name, job, out, None, started)
             return
 
     def settle_tasks(self, block: bool) -> int:
@@ -627,14 +490,50 @@ class _Runner:
         refs = list(self.pending)
         done, _ = ray.wait(refs, num_returns=1) if block else ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in done:
-            name, spec, started = self.pending.pop(ref)
+            name, job, started = self.pending.pop(ref)
             try:
                 out = ray.get(ref)
             except Exception as err:  # noqa: BLE001  (RayTaskError, worker crashed, cancelled)
-                self._outcome(name, spec, None, err, started)
+                self._outcome(name, job, None, err, started)
             else:
-                self._outcome(name, spec, out, None, started)
+                self._outcome(name, job, out, None, started)
         return len(done)
+
+    def cancel_tasks(self) -> None:
+        if not self.pending:
+            return
+        import ray
+
+        for ref in list(self.pending):
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001  (already finished or gone)
+                pass
+
+    # settling
+    def _outcome(self, name: str, job: Job, out: dict | None, err: BaseException | None, started: float) -> None:
+        if err is None and out["ok"]:
+            self._succeed(name, out["doc"], Path(job.final), "ran", out["attempt"], out["seconds"])
+        elif err is None:
+            self._fail(name, job.key, out["error"], out["attempt"], out["seconds"])
+        else:
+            cause = getattr(err, "cause", None) or err
+            tb = str(err) if cause is not err else "".join(traceback.format_exception(err))
+            attempts = max(self.cache.attempts(Path(job.counter)), 1)
+            self._fail(name, job.key, f"{type(cause).__name__}: {cause}".strip(), attempts, time.perf_counter() - started, tb)
+        self.cache.clear_attempts(job.tmp_prefix, Path(job.counter))
+        self._settle_followers(name, job)
+
+    def _settle_followers(self, leader: str, job: Job) -> None:
+        """The steps that waited on the same key as ``leader`` share its outcome."""
+        if self.in_flight.get(job.key) == leader:
+            del self.in_flight[job.key]
+        rec = self.records[leader]
+        for f in self.followers.pop(leader, []):
+            if rec.status == "ran":
+                self._succeed(f, self.cache.load(Path(job.final), job.key), Path(job.final), "cached", 0, 0.0)
+            else:
+                self._fail(f, job.key, f"same work as step '{leader}', which failed: {rec.error}", 0, 0.0, root=leader)
 
     def run(self, sorter: graphlib.TopologicalSorter) -> None:
         self.sorter = sorter
@@ -650,36 +549,31 @@ class _Runner:
                 elif self.pending:
                     self.settle_tasks(block=True)
         except BaseException:
-            if self.pending:
-                import ray
-
-                for ref in list(self.pending):
-                    try:
-                        ray.cancel(ref)
-                    except Exception:  # noqa: BLE001
-                        pass
+            self.cancel_tasks()
             raise
 
 
 def run(steps: list[Step], cache_dir: str | Path, *, tracker=None, log: Callable[[str], Any] = print) -> PipelineResult:
-    """Run a pipeline: validate, print the graph, then load or run every step as it becomes ready.
+    """Run a pipeline: validate, check the cache, print the graph, then load or run every step as
+    it becomes ready.
 
     Never raises for a failing step (see :meth:`PipelineResult.raise_for_failures`); raises
-    :class:`DagError` for a malformed pipeline before anything runs. ``tracker`` (a
+    :class:`DagError` for a malformed pipeline and :class:`CacheError` (naming the path) for a cache
+    folder that cannot be created or written, both before anything runs. ``tracker`` (a
     :class:`dynlab.tracking.RunHandle`) receives ``dag/graph.txt``, ``dag/steps.json`` and the tags
     ``dynlab.dag.<status>=<count>``.
     """
     steps = list(steps)
     sorter = validate(steps)
-    cache_dir = Path(cache_dir).expanduser().resolve()  # Ray workers chdir elsewhere: absolute paths only
-    (cache_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    cache = Cache(Path(cache_dir).expanduser().resolve())  # Ray workers chdir elsewhere: absolute paths only
+    cache.check_writable()
     graph = describe(steps)
-    log(f"[dag] {len(steps)} step(s), cache {cache_dir}:\n" + "".join(f"  {line}\n" for line in graph.splitlines()).rstrip("\n"))
+    log(f"[dag] {len(steps)} step(s), cache {cache.root}:\n" + "".join(f"  {line}\n" for line in graph.splitlines()).rstrip("\n"))
     if tracker is not None:
         tracker.log_text(graph, "dag/graph.txt")
 
     t0 = time.perf_counter()
-    runner = _Runner(steps, cache_dir, log)
+    runner = _Runner(steps, cache, log)
     runner.run(sorter)
     result = PipelineResult({n: runner.results[n] for n in runner.order if n in runner.results}, [runner.records[n] for n in runner.order], graph)
     counts = result.counts()
