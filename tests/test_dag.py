@@ -7,6 +7,7 @@ sees which steps really ran.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import pytest
 
 from dynlab import dag
 from dynlab.dag import Step
+from dynlab.errors import DynlabError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +74,13 @@ def crashes_once(ctx):
     if len(Path(ctx.config["attempts"]).read_text().splitlines()) == 1:
         os._exit(1)
     return {"survived": ctx.attempt}
+
+
+def fills_the_disk(ctx):
+    """Writes part of a file into its folder, then finds the disk full."""
+    target = ctx.out_dir / "weights.bin"
+    target.write_bytes(b"half")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
 
 def not_json(ctx):
@@ -420,3 +429,83 @@ def test_independent_steps_run_concurrently(tmp_path, ray_local):
     res = dag.run(steps, tmp_path / "cache", log=lambda s: None)
     assert res.ok, [r.error for r in res.records]  # each waited for the other: they ran together
     assert res["s1"]["pid"] != res["s2"]["pid"]
+
+
+# --- a full disk or an unwritable cache (fault 5): a clear error naming the path, no cache entry ----
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """What a later run could read: result files outside the temp folder, and leftovers inside it."""
+    results = [p for p in cache.rglob("result.json") if ".tmp" not in p.parts]
+    return results + (list((cache / ".tmp").iterdir()) if (cache / ".tmp").exists() else [])
+
+
+def test_an_unwritable_cache_fails_before_any_step_and_names_the_path(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache should go")
+    steps = [Step("a", source, {"n": 1, "log": str(tmp_path / "log.txt")}, where="driver")]
+    with pytest.raises(dag.CacheError, match=r"cannot create the step cache folder .*not-a-folder/cache/\.tmp") as err:
+        dag.run(steps, blocker / "cache", log=lambda s: None)
+    assert isinstance(err.value, DynlabError) and ran_steps(tmp_path) == []
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_fails_before_any_step_and_names_the_path(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / ".tmp").mkdir(parents=True)
+    (cache / ".tmp").chmod(0o555)
+    try:
+        steps = [Step("a", source, {"n": 1, "log": str(tmp_path / "log.txt")}, where="driver")]
+        with pytest.raises(dag.CacheError, match=r"cannot write into the step cache folder .*cache/\.tmp: Permission denied"):
+            dag.run(steps, cache, log=lambda s: None)
+        assert ran_steps(tmp_path) == []
+    finally:
+        (cache / ".tmp").chmod(0o755)
+
+
+def test_a_full_disk_while_writing_the_result_leaves_no_cache_entry(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    steps = [Step("a", source, {"n": 4, "log": str(tmp_path / "log.txt")}, where="driver", retries=2)]
+    real_write = Path.write_text
+
+    def disk_full_at_result(self, data, *args, **kwargs):
+        if self.name == "result.json.part":  # the runner's write of the result: half of it lands
+            real_write(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_at_result)
+    res = dag.run(steps, cache, log=lambda s: None)
+    rec = res.record("a")
+    assert rec.status == "failed" and rec.attempts == 1  # not retried: a full disk stays full
+    assert "No space left on device" in rec.error and str(cache / ".tmp") in rec.error and "result.json" in rec.error
+    assert cache_entries(cache) == []
+
+    monkeypatch.setattr(Path, "write_text", real_write)  # space freed: the same command works
+    assert dag.run(steps, cache, log=lambda s: None).ran == ["a"]
+    assert dag.run(steps, cache, log=lambda s: None).cached == ["a"]
+
+
+def test_a_failed_commit_leaves_no_cache_entry(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    steps = [Step("a", source, {"n": 5}, where="driver")]
+    real_rename = os.rename
+
+    def read_only_target(src, dst):
+        if ".tmp" not in Path(dst).parts:  # moving the finished folder into place
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", read_only_target)
+    rec = dag.run(steps, cache, log=lambda s: None).record("a")
+    assert rec.status == "failed" and "Read-only file system" in rec.error and f"{cache}/source/{rec.key}" in rec.error
+    assert cache_entries(cache) == [] and not (cache / "source" / rec.key).exists()
+
+
+def test_a_full_disk_while_the_step_writes_its_files_leaves_no_cache_entry(tmp_path):
+    cache = tmp_path / "cache"
+    res = dag.run([Step("w", fills_the_disk, where="driver", retries=2)], cache, log=lambda s: None)
+    rec = res.record("w")
+    assert rec.status == "failed" and rec.attempts == 1
+    assert "No space left on device" in rec.error and str(cache / ".tmp") in rec.error
+    assert cache_entries(cache) == []
