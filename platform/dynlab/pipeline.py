@@ -2,7 +2,7 @@
 
     sweep (Ray Tune; every trial trained by Ray Train)
       -> predict[trial] -> evaluate[trial]   (Ray tasks; one pair per trial)
-      -> report                              (overlay figure, comparison table, in the parent run)
+      -> report                              (overlay figure, comparison tables with their noise, in the parent run)
 
 MLflow layout: one experiment per pipeline, a parent run per invocation (the DAG graph and step
 records, the report), a child run per trial (training curves, then calibration and evaluation).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from dynlab import config as config_mod
-from dynlab import dag, plots, steps, sweeps, tracking, training
+from dynlab import comparison, dag, plots, steps, sweeps, tracking, training
 from dynlab.config import NOT_TRAINING
 
 
@@ -79,31 +80,55 @@ def evaluate_step(ctx: dag.StepContext, trained: dict, predictions: dict) -> dic
     return out
 
 
-def report_step(ctx: dag.StepContext, sweep: dict, **evaluations: dict) -> dict:
-    """One row per trial (one column per exit / budget), an overlay figure; logged to the parent run."""
-    c = ctx.config
-    parent = tracking.RunHandle(**c["parent"])
+_SEED_SUFFIX = re.compile(r"-seed(\d+)$")
+
+
+def _trial_row(trial_id: str, info: dict, ev: dict) -> dict[str, Any]:
+    seed = _SEED_SUFFIX.search(trial_id)  # sweeps.expand names repeated trials "<label>-seed<N>"
+    return {
+        "trial": trial_id,
+        "label": info["label"],
+        "seed": int(seed.group(1)) if seed else None,
+        "status": ev.get("status", info["status"]),
+        "error": info["error"] or ev.get("error", ""),
+        "run_id": info["run_id"],
+    }
+
+
+def collect_results(trials: dict[str, str], sweep: dict, evaluations: dict) -> tuple[pd.DataFrame, dict[str, list]]:
+    """One row per trial, every seed kept (accuracy columns with their ``_se``, see
+    :func:`dynlab.comparison.trial_columns`), and the curves grouped by label: ``{label: [(anytime,
+    budgeted or None), ...]}``, one entry per successful seed, so seeds never overwrite each other."""
     rows, curves = [], {}
-    for trial_id, step_name in c["trials"].items():
+    for trial_id, step_name in trials.items():
         info, ev = sweep[trial_id], evaluations[step_name]
-        row: dict[str, Any] = {"trial": trial_id, "label": info["label"], "status": ev.get("status", info["status"]), "error": info["error"] or ev.get("error", ""), "run_id": info["run_id"]}
+        row = _trial_row(trial_id, info, ev)
         if ev.get("status") == "ok":
             anytime = pd.read_parquet(ev["anytime"])
             budgeted = pd.read_parquet(ev["budgeted"]) if "budgeted" in ev else None
-            curves[info["label"]] = (anytime, budgeted)
-            for _, a in anytime.iterrows():
-                row[f"acc_{a['name']}"] = float(a["accuracy"])
-                row[f"mmacs_{a['name']}"] = float(a["mmacs"])
-            if budgeted is not None:
-                for _, b in budgeted[budgeted["mode"] == "budget"].iterrows():
-                    row[f"acc@{b['requested_budget'] / 1e6:.2f}MMACs"] = float(b["test_accuracy"])
+            curves.setdefault(info["label"], []).append((anytime, budgeted))
+            row.update(comparison.trial_columns(anytime, budgeted))
         rows.append(row)
-    table = pd.DataFrame(rows)
-    table.to_parquet(ctx.out_dir / "comparison.parquet", index=False)
-    table.to_csv(ctx.out_dir / "comparison.csv", index=False)
-    parent.log_artifact(ctx.out_dir / "comparison.parquet", "report")
-    parent.log_artifact(ctx.out_dir / "comparison.csv", "report")
-    out = {"table": str(ctx.out_dir / "comparison.parquet")}
+    return pd.DataFrame(rows), curves
+
+
+def _log_table(parent: tracking.RunHandle, table: pd.DataFrame, out_dir: Path, name: str) -> Path:
+    table.to_parquet(out_dir / f"{name}.parquet", index=False)
+    table.to_csv(out_dir / f"{name}.csv", index=False)
+    parent.log_artifact(out_dir / f"{name}.parquet", "report")
+    parent.log_artifact(out_dir / f"{name}.csv", "report")
+    return out_dir / f"{name}.parquet"
+
+
+def report_step(ctx: dag.StepContext, sweep: dict, **evaluations: dict) -> dict:
+    """The per-trial table (one row per trial and seed), the per-label summary (mean, std and noise
+    over seeds), the printed comparison and the overlay figure; logged to the parent run."""
+    c = ctx.config
+    parent = tracking.RunHandle(**c["parent"])
+    table, curves = collect_results(c["trials"], sweep, evaluations)
+    out = {"table": str(_log_table(parent, table, ctx.out_dir, "comparison"))}
+    out["summary"] = str(_log_table(parent, comparison.summarize(table), ctx.out_dir, "summary"))
+    parent.log_text(comparison.format_table(table), "report/comparison.txt")
     if curves:
         fig = plots.plot_overlay(curves, ctx.out_dir / "comparison.png", c["title"])
         parent.log_artifact(fig, "report")
@@ -158,7 +183,10 @@ def main(doc: str, experiment: str, trials: Callable[[config_mod.Config], list[s
     def body(cfg, handle, name):
         return run(cfg, trials(cfg), handle, experiment, title(cfg))
 
-    return cli.main(doc, sys.argv[1:] if argv is None else argv, body, default_experiment=experiment)
+    def plan(cfg):  # every trial's config is checked before the first epoch
+        return [t.cfg() for t in trials(cfg)]
+
+    return cli.main(doc, sys.argv[1:] if argv is None else argv, body, default_experiment=experiment, plan=plan)
 
 
 def run(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str] | None = None) -> dict:
@@ -169,4 +197,10 @@ def run(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.Ru
     result = dag.run(build(base, trials, parent, experiment, title, plugins), sweeps.cache_root(base) / "steps", tracker=parent)
     result.raise_for_failures()
     report = result["report"]
-    return {"comparison": pd.read_parquet(report["table"]), "figure": report.get("figure"), "dag": result, "trained": result["sweep"]["trained"]}
+    return {
+        "comparison": pd.read_parquet(report["table"]),  # per trial and seed; comparison.format_table prints it
+        "summary": pd.read_parquet(report["summary"]),  # per label: mean, std and noise over seeds
+        "figure": report.get("figure"),
+        "dag": result,
+        "trained": result["sweep"]["trained"],
+    }
