@@ -54,22 +54,3 @@ def test_run_killed_after_an_epoch_resumes_from_its_checkpoint(in_tmp, ray_local
     assert again.data.tags["dynlab.resumed_at_epoch"] == "1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout/acc_mean")] == [0, 1]
     assert "resumed from checkpoint after epoch 1 of 2" in capfd.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["epochs=0"], "error: config 'run.epochs' = 0 is not allowed: expected >= 1"),
-        (["method=nosuch"], "error: config 'method' = 'nosuch' is not allowed: expected one of boostnet, joint"),
-        (["dataset=imagefolder", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
-        (["dataset=cifar100", "data.root=/nonexistent/cifar"], "data.root"),
-        (["eval.budgets=[0.001]"], "error: config 'eval.budgets' = [0.001] is not allowed: expected MMACs per image within"),
-    ],
-)
-def test_bad_input_is_one_clear_line_and_a_failed_run(in_tmp, capsys, args, message):
-    assert train.main([*args, "run.name=bad"]) == 2
-    out = capsys.readouterr().out
-    assert message in out and "Traceback" not in out
-    _, run = only_run("bad")
-    assert run.info.status == "FAILED"
-    assert message.removeprefix("error: ") in run.data.tags["dynlab.error"]

@@ -1,16 +1,20 @@
-"""The shared command-line entry of every pipeline: parse ``key=value`` arguments, start Ray and an
-MLflow run, run the pipeline inside a guard that marks the run FAILED on any error, print where the
-results are. Errors caused by input are one clear line (no traceback) and exit code 2."""
+"""The shared command-line entry of every pipeline: parse ``key=value`` arguments, check everything
+that can be checked before work starts (:mod:`dynlab.preflight`), then open an MLflow run and run
+the pipeline inside a guard that marks the run FAILED (KILLED on Ctrl-C) on any error, and print
+where the results are. Exit codes: 0 done, 1 a failure (failed trials or steps), 2 bad input (one
+clear line, no traceback; found before the run starts it leaves no MLflow run at all), 130 Ctrl-C."""
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 import typing
 from typing import Callable
 
 from dynlab import config as config_mod
-from dynlab import cluster, registry, steps, tracking
+from dynlab import cluster, preflight, registry, tracking
+from dynlab.dag import StepFailed
 from dynlab.errors import DynlabError, input_error
 
 
@@ -30,54 +34,92 @@ def usage(doc: str) -> str:
     return "\n".join(lines)
 
 
-def main(doc: str, argv: list[str], body: Callable[[config_mod.Config, tracking.RunHandle, str], dict], default_experiment: str, plugins: typing.Sequence[str] = ("methods",)) -> int:
-    """Resolve and check the config inside a guarded MLflow run (so bad input gives a FAILED run and
-    one clear line), then start Ray and run ``body(cfg, handle, name)``."""
-    for name in plugins:
-        __import__(name)
+def run_name(cfg: config_mod.Config, default_experiment: str) -> str:
+    """A fresh unique run name: two commands started in the same second must not share (and so
+    reopen) one run. A name given as ``run.name`` is kept: the same name resumes."""
+    prefix = default_experiment if default_experiment != "dynlab-train" else cfg.method
+    return f"{prefix}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def main(
+    doc: str,
+    argv: list[str],
+    body: Callable[[config_mod.Config, tracking.RunHandle, str], dict],
+    default_experiment: str,
+    plugins: typing.Sequence[str] = ("methods",),
+    plan: Callable[[config_mod.Config], list[config_mod.Config]] | None = None,
+) -> int:
+    """Resolve the config and check it, the data, storage, tracking store and cluster for every
+    config the pipeline will train (``plan(cfg)``, default ``[cfg]``) before anything is written: bad
+    input is one line, exit code 2 and no MLflow run. Then open the run and call
+    ``body(cfg, handle, name)`` inside a guard: a later failure marks the run FAILED (exit 1, or 2
+    when a worker found bad input), Ctrl-C marks it KILLED (exit 130), failed trials exit 1."""
+    for module in plugins:
+        __import__(module)
     if any(a in ("-h", "--help") for a in argv):
         print(usage(doc))
         return 0
     try:
-        overrides = config_mod.parse_overrides(argv)
+        cfg = config_mod.resolve(config_mod.parse_overrides(argv))
+        named = bool(cfg.run.name)
+        name = cfg.run.name or run_name(cfg, default_experiment)
+        experiment = default_experiment if cfg.run.experiment == config_mod.RunConfig.experiment else cfg.run.experiment
+        cfg = cfg.with_overrides({"run.name": name, "run.experiment": experiment})
+        uri = tracking.tracking_uri()
+        preflight.check_all(plan(cfg) if plan else [cfg], uri, tune_trials=plan is not None)
     except DynlabError as err:
         print(f"error: {err}")
+        cluster.stop_if_started()
         return 2
-    short = {config_mod.SHORTCUTS.get(k, k): v for k, v in overrides.items()}
-    experiment = str(short.get("run.experiment") or default_experiment)
-    method = str(short.get("method", config_mod.Config.method))
-    dataset = str(short.get("data.name", "digits"))
-    prefix = default_experiment if default_experiment != "dynlab-train" else method
-    name = str(short.get("run.name") or f"{prefix}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    overrides = {**overrides, "run.name": name} if "name" not in overrides else overrides
-    if "run.experiment" not in short:
-        overrides["run.experiment"] = experiment
 
-    uri = tracking.tracking_uri()
-    handle = tracking.open_run(experiment, name, tags={"dynlab.argv": " ".join(argv)}, resume_key=name)
+    handle = tracking.open_run(cfg.run.experiment, name, tags={"dynlab.argv": " ".join(argv)}, resume_key=name)
+    print(f"[dynlab] MLflow run {handle.run_id} ('{name}') in {uri}", flush=True)
     try:
         with tracking.run_guard(handle):
-            from dynlab import data as data_mod
-
-            cfg = config_mod.resolve(overrides)
             tracking.log_config(handle, cfg)
-            info = data_mod.dataset_info(cfg.data)  # a missing dataset fails here, before any worker starts
-            steps.check_budgets(cfg, info)
             out = body(cfg, handle, name)
+            failed = failed_trials(out)
+            if failed:
+                raise TrialsFailed(failed)
+    except KeyboardInterrupt:
+        print(f"\n[dynlab] interrupted: MLflow run {handle.run_id} marked KILLED. Run the same command again to resume" + ("" if named else f" (with run.name={name})") + ".")
+        return 130
+    except TrialsFailed as err:
+        report(out, handle, uri, name, finished=False)
+        print(f"error: {err}")
+        print(f"[dynlab] MLflow run {handle.run_id} marked FAILED; run the same command again to retry the failed trials (finished ones are cached)")
+        return 1
     except BaseException as err:  # noqa: BLE001 - reported, run already marked FAILED by the guard
         cause = input_error(err)
         if cause is None:
             raise
         print(f"error: {cause}")
         print(f"[dynlab] MLflow run {handle.run_id} marked FAILED ({uri})")
-        return 2
+        return 1 if isinstance(cause, StepFailed) else 2
     finally:
         cluster.stop_if_started()
     report(out, handle, uri, name)
     return 0
 
 
-def report(out: dict, handle: tracking.RunHandle, uri: str, name: str) -> None:
+class TrialsFailed(DynlabError):
+    """Some trials of a sweep failed: the pipeline reports the others and exits non-zero."""
+
+    def __init__(self, failed: list[tuple[str, str, str]]):
+        self.failed = failed
+        lines = [f"{len(failed)} trial(s) did not finish:"] + [f"  {t}: {status} {error}".rstrip() for t, status, error in failed]
+        super().__init__("\n".join(lines))
+
+
+def failed_trials(out: dict) -> list[tuple[str, str, str]]:
+    """``(trial, status, error)`` of every trial in the comparison whose status is not ok."""
+    comp = out.get("comparison") if isinstance(out, dict) else None
+    if comp is None or "status" not in comp:
+        return []
+    return [(str(r["trial"]), str(r["status"]), str(r.get("error", "") or "")) for _, r in comp.iterrows() if r["status"] != "ok"]
+
+
+def report(out: dict, handle: tracking.RunHandle, uri: str, name: str, finished: bool = True) -> None:
     import pandas as pd
 
     ev = out.get("evaluation")
@@ -94,10 +136,7 @@ def report(out: dict, handle: tracking.RunHandle, uri: str, name: str) -> None:
         if comp is not None:
             cols = [c for c in comp.columns if c in ("trial", "status") or c.startswith("acc_") or c.startswith("acc@")]
             print("\nComparison (test accuracy %, per exit and per budget):\n" + comp[cols].to_string(index=False))
-            bad = comp[comp["status"] != "ok"]
-            for _, row in bad.iterrows():
-                print(f"[dynlab] trial {row['trial']}: {row['status']} {row['error']}")
-    print(f"\n[dynlab] run '{name}' finished. MLflow run {handle.run_id} in {uri}")
+    print(f"\n[dynlab] run '{name}' {'finished' if finished else 'ended with failed trials'}. MLflow run {handle.run_id} in {uri}")
     if out.get("figure"):
         print(f"[dynlab] figure: {out['figure']}")
     print(f"[dynlab] browse: {tracking.ui_hint(uri)}")

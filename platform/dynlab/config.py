@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any
 import yaml
 
 from dynlab import registry
-from dynlab.errors import ConfigError
+from dynlab.errors import ConfigError, did_you_mean
 
 
 def choice(default, *choices, **meta):
@@ -50,6 +52,7 @@ class RunConfig:
     grad_clip: float = bounded(0.0, 0.0, help="max gradient norm; 0 disables")
     storage_path: str = field(default="", metadata={"hash": False, "help": "Ray Train storage; default ./dynlab_runs"})
     predict_batches: int = bounded(0, 0, help="limit batches when predicting (0 = all); for smoke tests")
+    wait_for_resources: bool = field(default=False, metadata={"hash": False, "help": "wait for workers the cluster does not have yet (autoscaling); default: fail at once"})
     kill_after_epoch: int = field(default=-1, metadata={"hash": False, "min": -1, "help": "fault injection for tests"})
 
 
@@ -178,6 +181,10 @@ class Config:
                 merged = {k: v for k, v in merged.items() if not k.startswith(current + ".")}
         if "backbone" in new or "preset" in new:
             merged.pop("preset", None)
+        if new.get("backbone", self.backbone) != self.backbone:
+            for option in registry.METHOD_OPTIONS:  # backbone-dependent: the new backbone's default applies
+                if f"{new.get('method', self.method)}.{option}" not in new:
+                    merged.pop(f"{new.get('method', self.method)}.{option}", None)
         merged.update(new)
         return resolve(merged)
 
@@ -198,6 +205,37 @@ def _parse_value(text: str):
         return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+
+
+def _number(text: str):
+    """``text`` as a number where Python reads it as one (``1e-4``, ``5E-2``, ``-0.5``, ``1_000``);
+    YAML 1.1 reads ``1e-4`` as a string. None otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _split_list(key: str, text: str) -> list:
+    """``"-0.5,1"`` or ``"[1e-1, 2]"`` (a list YAML could not read) -> items, each parsed alone.
+    Commas separate items and a minus sign belongs to its number; only a string of non-negative
+    integers joined by dashes (``1-2-4``) is read as the references' dash-separated list."""
+    body = text.strip()
+    if re.fullmatch(r"\d+(-\d+)+", body):  # the MSDNet reference's form for integer lists: 1-2-4
+        return [int(v) for v in body.split("-")]
+    if body.startswith("[") != body.endswith("]"):
+        raise ConfigError(key, text, "a list like [0.5,1] or 0.5,1 (unbalanced brackets)")
+    body = body.strip("[]").strip()
+    if not body:
+        return []
+    items = [item.strip() for item in body.split(",")]
+    if any(item == "" for item in items):
+        raise ConfigError(key, text, "a list like [0.5,1] or 0.5,1 (an empty item between commas)")
+    return [_parse_value(item) for item in items]
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -225,7 +263,7 @@ def _coerce(key: str, value, tp, meta) -> Any:
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         if isinstance(value, str):
-            value = [_parse_value(v) for v in value.replace("-", ",").split(",") if v != ""] if "," in value or "-" in value else [_parse_value(value)]
+            value = _split_list(key, value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -244,13 +282,17 @@ def _coerce(key: str, value, tp, meta) -> Any:
         if value in (0, 1):
             return bool(value)
         raise ConfigError(key, value, "true or false")
+    if tp in (int, float) and isinstance(value, str) and _number(value) is not None:
+        value = _number(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value:
             raise ConfigError(key, value, "an integer")
         value = int(value)
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "a number")
+        if math.isnan(value):
+            raise ConfigError(key, value, "a number (not nan)")
         value = float(value)
     elif tp is str:
         if value is None:
@@ -276,7 +318,8 @@ def build_section(section: str, cls: type, values: dict[str, Any]):
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(f"{section}.{name}", value, f"a key of '{section}': " + ", ".join(fields))
+            hint = did_you_mean(f"{section}.{name}", [f"{section}.{f}" for f in fields])
+            raise ConfigError(f"{section}.{name}", value, f"a key of '{section}': " + ", ".join(fields), hint)
         kwargs[name] = _coerce(f"{section}.{name}", value, hints[name], fields[name].metadata)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
@@ -289,7 +332,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config", str(path), "an existing YAML file")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("config", str(path), f"valid YAML; {getattr(err, 'problem', None) or 'a syntax error'}{where}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("config", str(path), f"a readable UTF-8 YAML file ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError("config", str(path), "a YAML mapping of keys to values")
     return _flatten(data)
@@ -327,16 +377,35 @@ def resolve(overrides: dict[str, Any] | list[str] | None = None, yaml_path: str 
         head, _, rest = key.partition(".")
         if head not in sections or not rest:
             allowed = ", ".join([*SHORTCUTS, "method", "backbone", "preset", "config"] + [f"{s}.*" for s in sections])
-            raise ConfigError(key, value, f"a known key: {allowed}")
+            raise ConfigError(key, value, f"a known key: {allowed}", did_you_mean(key, _known_keys(sections, m_entry, b_entry, method, backbone)))
         sections[head][rest] = value
 
     cfg = Config(method=method, backbone=backbone, preset=preset_name)
     for name, cls in FIXED_SECTIONS.items():
         setattr(cfg, name, build_section(name, cls, sections[name]))
     cfg.method_cfg = build_section(method, m_entry.config_cls, sections[method])
+    _settle_backbone_options(cfg, sections[method])
     cfg.backbone_cfg = build_section(backbone, b_entry.config_cls, sections[backbone])
     _validate_cross(cfg)
     return cfg
+
+
+def _settle_backbone_options(cfg: Config, given: dict[str, Any]) -> None:
+    """Method options the backbone does not implement (RANet has no gradient rescaling): set
+    explicitly, a ConfigError; left at their default, set to the value the backbone behaves as, so
+    that the config (and its hash) says what is trained and two labels never train one model."""
+    for name, reason in registry.unsupported_options(cfg.backbone, cfg.method_cfg).items():
+        off = registry.METHOD_OPTIONS[name]
+        if name in given and getattr(cfg.method_cfg, name) != off:
+            raise ConfigError(f"{cfg.method}.{name}", getattr(cfg.method_cfg, name), f"{off!r} with backbone={cfg.backbone}: {reason}")
+        setattr(cfg.method_cfg, name, off)
+
+
+def _known_keys(sections, m_entry, b_entry, method: str, backbone: str) -> list[str]:
+    """Every dotted key of this config, for "did you mean" suggestions."""
+    classes = {**FIXED_SECTIONS, method: m_entry.config_cls, backbone: b_entry.config_cls}
+    keys = [f"{name}.{f.name}" for name, cls in classes.items() if name in sections for f in dataclasses.fields(cls)]
+    return [*SHORTCUTS, "method", "backbone", "preset", "config", *keys]
 
 
 def _validate_cross(cfg: Config) -> None:
@@ -346,6 +415,18 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError("run.amp", cfg.run.amp, "none unless run.use_gpu=true (AMP is a GPU path)")
     if any(b <= 0 for b in cfg.eval.budgets):
         raise ConfigError("eval.budgets", cfg.eval.budgets, "positive budgets in MMACs per image")
+    values = cfg.sweep.values
+    if len(set(values)) != len(values):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        raise ConfigError("sweep.values", values, f"distinct values (repeated: {', '.join(map(str, dup))}); use sweep.repeats for seeds")
+    if cfg.data.heldout == 0:
+        wants = [k for k, on in (("eval.budgets", bool(cfg.eval.budgets)), ("eval.num_budgets", cfg.eval.num_budgets > 0), ("eval.p_grid", cfg.eval.p_grid)) if on]
+        if wants:
+            raise ConfigError(
+                "data.heldout", 0,
+                f"a held-out split (> 0 or -1) for budgeted evaluation ({', '.join(wants)}): its thresholds are calibrated on held-out data. "
+                "For anytime evaluation only, add eval.num_budgets=0 eval.p_grid=false",
+            )
     ms = cfg.optim.milestones
     if any(not 0 < m < 1 for m in ms) or ms != sorted(ms):
         raise ConfigError("optim.milestones", ms, "increasing fractions of the epochs, each in (0, 1), e.g. [0.5, 0.75]")

@@ -484,8 +484,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i):
         path, y = self.samples[i]
-        with open(path, "rb") as f:
-            img = _open_rgb(f)
+        try:
+            with open(path, "rb") as f:
+                img = _open_rgb(f)
+        except Exception as err:  # noqa: BLE001 - a corrupt or unreadable image is a data problem, named
+            raise DataError(f"image {path} cannot be read ({type(err).__name__}: {err}): replace or remove it") from None
         return (self.transform(img) if self.transform is not None else img), y
 
 
@@ -524,42 +527,109 @@ def _build_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     return _assemble("imagefolder", train_aug, train_eval, test, seed, cfg.heldout, info, classes)
 
 
-def _inspect_imagefolder(cfg: DataConfig) -> tuple[list[str], int]:
-    """Class names and native image side, reading a zip's index rather than extracting it."""
+@dataclass
+class FolderIndex:
+    """What the driver learns about an image folder or zip without reading its images."""
+
+    classes: list[str]  # class folders of train/ that hold images
+    test_classes: list[str]  # class folders of val/ (or test/) that hold images
+    n_train: int
+    first_image: Callable[[], int]  # native side of one training image (opens one file)
+
+
+def _index_entries(cfg: DataConfig, path: Path, split: str, files: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Images per class under ``split`` from relative file paths ``split/<class>/.../<image>``."""
+    counts: dict[str, int] = {}
+    first: list[str] = []
+    prefix = split + "/"
+    for name in files:
+        if not name.startswith(prefix) or not name.lower().endswith(IMG_EXTENSIONS):
+            continue
+        parts = name[len(prefix):].split("/")
+        if len(parts) < 2 or any(_skip(p) for p in parts):
+            continue
+        counts[parts[0]] = counts.get(parts[0], 0) + 1
+        if not first:
+            first.append(name)
+    return counts, first
+
+
+def _imagefolder_index(cfg: DataConfig) -> FolderIndex:
+    """Classes of both splits and the number of training images, from a folder walk or a zip's
+    index (nothing extracted), so that layout and held-out problems fail in the driver."""
     path = _imagefolder_root(cfg)
-    if path.is_dir() or (zipfile.is_zipfile(path) and _is_extracted(zip_cache_dir(path))):
-        base = path if path.is_dir() else zip_cache_dir(path)
-        train_dir, _ = _folder_splits(cfg, base, path)
-        classes = _class_dirs(train_dir)
-        for c in classes:
-            for dirpath, _, filenames in sorted(os.walk(train_dir / c)):
-                imgs = sorted(f for f in filenames if f.lower().endswith(IMG_EXTENSIONS) and not _skip(f))
-                if imgs:
-                    return classes, _native_side(os.path.join(dirpath, imgs[0]))
-        raise _layout_error(cfg, path, f"no images under {train_dir}")
-    if not zipfile.is_zipfile(path):
-        raise _layout_error(cfg, path, "is a file but not a .zip archive")
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
+    base = path if path.is_dir() else zip_cache_dir(path) if zipfile.is_zipfile(path) and _is_extracted(zip_cache_dir(path)) else None
+    if base is not None:
+        train_dir, test_dir = _folder_splits(cfg, base, path)
+        files = [
+            os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/")
+            for split_dir in (train_dir, test_dir)
+            for dirpath, _, filenames in os.walk(split_dir)
+            for f in filenames
+        ]
+        splits = (os.path.relpath(train_dir, base).replace(os.sep, "/"), os.path.relpath(test_dir, base).replace(os.sep, "/"))
+        opener = lambda name: _native_side(str(base / name))  # noqa: E731
+    else:
+        if not zipfile.is_zipfile(path):
+            raise _layout_error(cfg, path, "is a file but not a readable .zip archive (truncated or corrupt?)")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                files = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise _layout_error(cfg, path, f"is not a readable .zip archive ({err})") from None
         dirs = set()
-        for n in names:
+        for n in files:
             parts = n.rstrip("/").split("/")
             for i in range(1, len(parts) + (1 if n.endswith("/") else 0)):
                 dirs.add("/".join(parts[:i]))
         tops = sorted({d for d in dirs if "/" not in d and not _skip(d)})
-        found = _locate_splits(lambda rel: rel in dirs, tops)
-        if found is None:
+        splits = _locate_splits(lambda rel: rel in dirs, tops)
+        if splits is None:
             raise _layout_error(cfg, path, "no train/ and val/ (or test/) folders found in the zip")
-        prefix = found[0] + "/"
-        classes = sorted({d[len(prefix):] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix):]})
-        classes = [c for c in classes if not _skip(c)]
-        imgs = sorted(n for n in names if n.startswith(prefix) and n.lower().endswith(IMG_EXTENSIONS))
-        if not classes or not imgs:
-            raise _layout_error(cfg, path, f"no class folders with images under {found[0]}/ in the zip")
-        from PIL import Image
 
-        with zf.open(imgs[0]) as f, Image.open(f) as img:
-            return classes, max(img.size)
+        def opener(name: str) -> int:
+            from PIL import Image
+
+            try:
+                with zipfile.ZipFile(path) as zf, zf.open(name) as f, Image.open(f) as img:
+                    return max(img.size)
+            except Exception as err:  # noqa: BLE001 - any decoding problem is a data problem
+                raise _layout_error(cfg, path, f"cannot read the image {name} ({err})") from None
+
+    train_counts, first = _index_entries(cfg, path, splits[0], files)
+    test_counts, _ = _index_entries(cfg, path, splits[1], files)
+    if not train_counts:
+        raise _layout_error(cfg, path, f"no class folders with images under {splits[0]}/")
+    if not test_counts:
+        raise _layout_error(cfg, path, f"no class folders with images under {splits[1]}/")
+    extra = sorted(set(test_counts) - set(train_counts))
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise _layout_error(cfg, path, f"class folder(s) {shown} of {splits[1]}/ have no counterpart in {splits[0]}/")
+    return FolderIndex(sorted(train_counts), sorted(test_counts), sum(train_counts.values()), lambda: opener(first[0]))
+
+
+def _inspect_imagefolder(cfg: DataConfig) -> tuple[list[str], int]:
+    """Class names and native image side, reading a zip's index rather than extracting it."""
+    index = _imagefolder_index(cfg)
+    return index.classes, index.first_image()
+
+
+CIFAR_TRAIN = 50_000
+DIGITS_TRAIN = 1797 - DIGITS_TEST  # sklearn digits has 1,797 images
+
+
+def check(cfg: DataConfig, seed: int = 0) -> DatasetInfo:
+    """Everything about the data that can be known in the driver before a worker starts: the
+    dataset exists and has the expected layout, and the held-out size fits the training set.
+    Returns the dataset's info (classes, input size)."""
+    info = dataset_info(cfg)
+    if cfg.name == "imagefolder":
+        n_train = _imagefolder_index(cfg).n_train
+    else:
+        n_train = {"digits": DIGITS_TRAIN, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN, "synthetic": cfg.synthetic_train}[cfg.name]
+    heldout_split(n_train, cfg.heldout, seed, cfg.name)  # raises a ConfigError naming data.heldout
+    return info
 
 
 # --------------------------------------------------------------------------------------------------

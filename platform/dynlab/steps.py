@@ -41,22 +41,25 @@ def predict(cfg, checkpoint_dir: str, plugins: list[str] | None = None) -> Predi
     method, model = training.load_trained(cfg, checkpoint_dir, bundle.info)
     device = torch.device("cuda") if cfg.run.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    frames = {}
+    frames = {"heldout": pd.DataFrame()}  # data.heldout=0: no held-out split, anytime evaluation only
     for split, ds in (("heldout", bundle.heldout), ("test", bundle.test)):
+        if len(ds) == 0:
+            continue
         preds, labels = training.predict_dataset(method, model, ds, cfg.data.eval_batch_size, device, cfg.run.predict_batches)
         frames[split] = evaluation.predictions_frame(preds, labels, split)
     return PredictionTables(frames["heldout"], frames["test"], [int(i) for i in bundle.heldout_indices])
 
 
-def check_budgets(cfg, info) -> None:
-    """Requested budgets outside [first exit, last exit] fail now, before training, not after it."""
-    if not cfg.eval.budgets:
-        return
+def check_model(cfg, info) -> None:
+    """Build the model once in the driver, so that a method or backbone setting that only the
+    model reveals (exit weights per exit, ...) fails before training; requested budgets outside
+    [first exit, last exit] fail now too, not after training."""
     from dynlab.errors import ConfigError
     from dynlab.registry import get_method
 
-    table = getattr(get_method(cfg.method).cls(cfg).build_model(info), "cost_table", None)
-    if table is None:  # not an early-exit network: budgets do not apply
+    model = get_method(cfg.method).cls(cfg).build_model(info)
+    table = getattr(model, "cost_table", None)
+    if not cfg.eval.budgets or table is None:  # no budgets asked for, or not an early-exit network
         return
     lo, hi = table.macs[0] / 1e6, table.macs[-1] / 1e6
     if any(not lo <= b <= hi for b in cfg.eval.budgets):
@@ -75,10 +78,10 @@ def evaluate(cfg, tables: PredictionTables) -> Evaluation:
     any_df = evaluation.anytime(test, test_labels)
     if not isinstance(test, ExitPredictions):
         return Evaluation(any_df, None)
-    if tables.heldout.empty:
-        return Evaluation(any_df, None)  # no held-out split: nothing to calibrate on
-    heldout, heldout_labels = evaluation.frame_to_predictions(tables.heldout, "heldout")
     budgets = [b * 1e6 for b in cfg.eval.budgets] or default_budgets(test.costs, cfg.eval.num_budgets)
+    if tables.heldout.empty or not (budgets or cfg.eval.p_grid):
+        return Evaluation(any_df, None)  # anytime only: no held-out split, or no budgets asked for
+    heldout, heldout_labels = evaluation.frame_to_predictions(tables.heldout, "heldout")
     budget_df = evaluation.budgeted(heldout, heldout_labels, test, test_labels, budgets=budgets or None, p_grid=cfg.eval.p_grid, flat_curve=cfg.eval.flat_curve)
     return Evaluation(any_df, budget_df)
 

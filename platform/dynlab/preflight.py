@@ -1,0 +1,185 @@
+"""Checks run in the driver before anything is written or started: a problem the config, the data
+or the cluster reveals costs one line and seconds, never a hang or a trained model.
+
+Each check raises a :class:`~dynlab.errors.ConfigError` (or ``DataError``) naming the key, the
+value and what is allowed. :func:`check_all` runs them for every config a pipeline will train
+(one per sweep trial), so a trial that could only fail after training fails now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from dynlab import data as data_mod
+from dynlab.errors import ConfigError
+
+TRACKING_TIMEOUT = 5.0  # seconds to reach an MLflow server before giving up
+
+
+def check_tracking(uri: str, timeout: float = TRACKING_TIMEOUT) -> None:
+    """The MLflow store answers: an HTTP server within ``timeout`` seconds, a SQLite file's folder
+    writable. Anything else (databricks, ...) is left to MLflow."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - the user's own tracking server
+                resp.read(64)
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):  # a server that wants credentials is reachable; MLflow handles auth
+                return
+            raise ConfigError("MLFLOW_TRACKING_URI", uri, f"a reachable MLflow tracking server ({url} answered HTTP {err.code})") from None
+        except (urllib.error.URLError, socket.timeout, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError("MLFLOW_TRACKING_URI", uri, f"a reachable MLflow tracking server (no answer from {url} within {timeout:.0f} s: {reason}); start it or unset MLFLOW_TRACKING_URI for a local SQLite store") from None
+    elif uri.startswith("sqlite:///"):
+        writable_folder("MLFLOW_TRACKING_URI", Path(uri[len("sqlite:///") :]).parent, uri)
+
+
+def writable_folder(key: str, folder: Path, shown=None) -> None:
+    """Prove that ``folder`` takes a file (an unwritable or full disk fails here), leaving no trace:
+    folders created for the probe are removed again (the run creates them when it writes)."""
+    folder = folder.expanduser().absolute()
+    created = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
+    probe = folder / f".dynlab-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"0" * 4096)
+    except OSError as err:
+        raise ConfigError(key, str(shown or folder), f"a writable folder ({folder}: {err.strerror or err})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        if created is not None:
+            for p in [folder, *folder.parents]:
+                if p == created.parent:
+                    break
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+
+def check_storage(cfg) -> None:
+    """``run.storage_path`` (checkpoints) and the step cache are writable, when they are local."""
+    from dynlab import sweeps, training
+
+    storage = training.storage_path(cfg)
+    if "://" not in storage:
+        writable_folder("run.storage_path", Path(storage), cfg.run.storage_path or storage)
+    cache = sweeps.cache_root(cfg)
+    writable_folder("sweep.cache_dir", cache, cfg.sweep.cache_dir or cache)
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Resources of every alive node: the running Ray cluster's, or this machine's when Ray is not
+    started yet (a local Ray would get exactly these)."""
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        from dynlab.cluster import ensure_ray
+
+        ensure_ray()
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return [{"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}]
+
+
+def check_resources(cfgs: list, nodes: list[dict[str, float]] | None = None, tune_trials: bool = False) -> None:
+    """Every trial's Ray Train workers fit the cluster, so that nothing waits forever for resources
+    that do not exist (``tune_trials``: each also holds ``sweep.trial_cpus`` for its Tune driver).
+    Skipped with ``run.wait_for_resources=true`` (an autoscaling cluster)."""
+    cfgs = [c for c in cfgs if not c.run.wait_for_resources]
+    if not cfgs:
+        return
+    nodes = cluster_nodes() if nodes is None else nodes
+    total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    biggest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    where = f"the Ray cluster has {total_cpu:g} CPU(s) and {total_gpu:g} GPU(s) on {len(nodes)} node(s); on an autoscaling cluster set run.wait_for_resources=true"
+    for cfg in cfgs:
+        r = cfg.run
+        workers = max(1, r.num_workers)
+        if r.use_gpu and total_gpu < workers:
+            if total_gpu == 0:
+                raise ConfigError("run.use_gpu", True, f"false: {where}")
+            raise ConfigError("run.num_workers", r.num_workers, f"at most {int(total_gpu)} with run.use_gpu=true (one GPU per worker): {where}")
+        own = cfg.sweep.trial_cpus if tune_trials else 0.0
+        need = r.cpus_per_worker * workers + own
+        if r.cpus_per_worker > biggest_cpu:
+            raise ConfigError("run.cpus_per_worker", r.cpus_per_worker, f"at most {biggest_cpu:g} (the largest node's CPUs): {where}")
+        if need > total_cpu + 1e-9:
+            fit = int((total_cpu - own) // r.cpus_per_worker) if r.cpus_per_worker else workers
+            extra = f" with the trial's own {own:g}" if own else ""
+            raise ConfigError("run.num_workers", r.num_workers, f"at most {max(fit, 0)} workers of {r.cpus_per_worker:g} CPU each ({need:g} CPUs needed{extra}): {where}")
+
+
+def check_config(cfg) -> None:
+    """What one resolved config reveals with the data and the model at hand: the data exists and the
+    held-out size fits; requested budgets lie within the exits' costs."""
+    from dynlab import steps
+
+    info = data_mod.check(cfg.data, cfg.run.seed)
+    steps.check_model(cfg, info)
+
+
+def check_checkpoint(cfg, run_dir: Path) -> None:
+    """A run restarted under a name that already has checkpoints resumes from the newest one: that
+    checkpoint must be readable and of this architecture, or the run would fail (or worse, resume
+    something else) only once its workers start."""
+    import torch
+
+    from dynlab import training
+    from dynlab.errors import DataError
+    from dynlab.registry import get_method
+
+    last = training.latest_checkpoint(run_dir)
+    if last is None:
+        return
+    path = last / training.STATE_FILE
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise DataError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}): delete {last} to resume from the checkpoint before it, or use another run.name") from None
+    model = get_method(cfg.method).cls(cfg).build_model(data_mod.dataset_info(cfg.data))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        raise ConfigError("run.name", cfg.run.name or run_dir.name, f"a new name: {last} holds a checkpoint of another architecture ({len(diff)} tensor(s) differ, e.g. {diff[0]})")
+
+
+def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
+    """Every check, for every config a pipeline will train; the first problem raises. Cheap checks
+    first; none leaves anything behind."""
+    cfgs = list(cfgs)
+    check_tracking(uri)
+    seen = set()
+    for cfg in cfgs:
+        key = (cfg.data.name, cfg.data.root, cfg.data.heldout, cfg.run.seed, cfg.method, str(cfg.method_cfg), cfg.backbone, str(cfg.backbone_cfg), tuple(cfg.eval.budgets))
+        if key not in seen:  # trials differing only in training knobs share these checks
+            seen.add(key)
+            check_config(cfg)
+    check_resources(cfgs, tune_trials=tune_trials)
+    for cfg in cfgs:
+        if "://" not in cfg.run.storage_path:  # remote storage: Ray Train restores (and checks) itself
+            check_checkpoint(cfg, resume_folder(cfg, tune_trials))
+    for cfg in {(c.run.storage_path, c.sweep.cache_dir): c for c in cfgs}.values():
+        check_storage(cfg)
+
+
+def resume_folder(cfg, tune_trials: bool) -> Path:
+    """Where the Ray Train run of ``cfg`` keeps its checkpoints (a sweep names it by train hash)."""
+    from dynlab import sweeps, training
+
+    storage = training.storage_path(cfg)
+    name = sweeps.train_run_name(cfg.run.experiment, cfg.train_hash()) if tune_trials else cfg.run.name
+    return Path(storage) / name
