@@ -7,6 +7,17 @@ from __future__ import annotations
 import os
 
 _STARTED_RAY = False
+LOCAL_HOST = "127.0.0.1"  # a local Ray's dashboard binds here, never to a public address
+
+
+def init_options() -> dict:
+    """``ray.init`` arguments: the cluster at ``RAY_ADDRESS``, else a local instance whose
+    dashboard (and job API) listens on 127.0.0.1 only (said explicitly, not left to Ray's default)."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    options = {"address": address, "log_to_driver": True, "runtime_env": runtime_env()}
+    if address is None:
+        options["dashboard_host"] = LOCAL_HOST
+    return options
 
 
 def ensure_ray():
@@ -15,7 +26,7 @@ def ensure_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=runtime_env())
+        ray.init(**init_options())
         _STARTED_RAY = True
     return ray
 
