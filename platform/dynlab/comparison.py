@@ -66,24 +66,28 @@ def _ok(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["status"] == "ok"] if "status" in table else table
 
 
+def _seed_stats(values: pd.Series, single_se: float, n_test: float) -> tuple[float, float, float]:
+    """(mean, std over seeds, noise for the rule) of one accuracy over a label's seeds."""
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) == 1:
+        return mean, math.nan, single_se if np.isfinite(single_se) else binomial_se(mean, n_test)
+    std = float(values.std(ddof=1))
+    # the seeds share one test set: averaging them does not shrink its sampling error
+    return mean, std, float(np.fmax(std / math.sqrt(len(values)), binomial_se(mean, n_test)))
+
+
 def _label_row(label: str, trials: pd.DataFrame, acc_cols: list[str], mmacs_cols: list[str]) -> dict:
-    k = len(trials)
-    n_test = trials["n_test"].max() if "n_test" in trials and k else math.nan
-    row: dict = {"label": label, "n_seeds": k, "trials": ",".join(map(str, trials.get("trial", pd.Series(dtype=str)))), "n_test": n_test}
+    n_test = float(trials["n_test"].max()) if "n_test" in trials and len(trials) else math.nan
+    ids = trials["trial"] if "trial" in trials else pd.Series(dtype=str)
+    row: dict = {"label": label, "n_seeds": len(trials), "trials": ",".join(map(str, ids)), "n_test": n_test}
     for c in acc_cols:
         values = trials[c].dropna() if c in trials else pd.Series(dtype=float)
-        mean = float(values.mean()) if len(values) else math.nan
-        row[c] = mean
-        if len(values) > 1:
-            std = float(values.std(ddof=1))
-            row[f"{c}_std"] = std
-            row[f"{c}_se"] = max(std / math.sqrt(len(values)), binomial_se(mean, n_test))
-        else:
-            row[f"{c}_std"] = math.nan
-            se = trials[f"{c}_se"].dropna() if f"{c}_se" in trials else pd.Series(dtype=float)
-            row[f"{c}_se"] = float(se.iloc[0]) if len(se) else binomial_se(mean, n_test)
+        single_se = float(trials[f"{c}_se"].dropna().iloc[0]) if f"{c}_se" in trials and trials[f"{c}_se"].notna().any() else math.nan
+        row[c], row[f"{c}_std"], row[f"{c}_se"] = _seed_stats(values, single_se, n_test)
     for c in mmacs_cols:
-        row[c] = float(trials[c].mean()) if k else math.nan
+        row[c] = float(trials[c].mean()) if len(trials) else math.nan
     return row
 
 
