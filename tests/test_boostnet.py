@@ -117,5 +117,6 @@ def test_gradient_ablation_drops_the_axis_a_backbone_does_not_implement(capsys):
     on_ranet = ablation.trials(config.cli_config(["backbone=ranet"]))
     assert [t.id for t in on_ranet] == ["trainable_prev=False", "trainable_prev=True"]
     assert len({t.train_key for t in on_ranet}) == 2  # no identical model under two labels
+    assert all(t.cfg().method_cfg.gradient_rescale is False for t in on_ranet)  # the config says what is trained
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert len(lines) == 1 and "boostnet.gradient_rescale dropped" in lines[0] and "ranet" in lines[0]
