@@ -120,22 +120,28 @@ def failed_trials(out: dict) -> list[tuple[str, str, str]]:
 
 
 def report(out: dict, handle: tracking.RunHandle, uri: str, name: str, finished: bool = True) -> None:
+    """Print what a run produced; every accuracy with its noise (binomial standard error on the
+    test set, or the spread over seeds), so that a difference of a few test images is not read as
+    a result."""
     import pandas as pd
+
+    from dynlab import comparison
 
     ev = out.get("evaluation")
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 2):
         if ev is not None:
-            cols = [c for c in ("index", "name", "mmacs", "accuracy", "pareto") if c in ev.anytime]
-            print("\nAnytime (test):\n" + ev.anytime[cols].to_string(index=False))
+            a = ev.anytime
+            t = pd.DataFrame({c: a[c] for c in ("index", "name", "mmacs", "accuracy", "pareto") if c in a})
+            t["± SE"] = comparison.binomial_se(a["accuracy"], a["n_samples"])
+            print(f"\nAnytime (test accuracy %, ± binomial standard error on {int(a['n_samples'].iloc[0])} test images):\n" + t.to_string(index=False))
             if ev.budgeted is not None:
                 b = ev.budgeted[ev.budgeted["mode"] == "budget"]
                 if len(b):
-                    t = pd.DataFrame({"budget MMACs": b["requested_budget"] / 1e6, "held-out MMACs": b["heldout_cost"] / 1e6, "test MMACs": b["test_cost"] / 1e6, "test acc %": b["test_accuracy"]})
+                    t = pd.DataFrame({"budget MMACs": b["requested_budget"] / 1e6, "held-out MMACs": b["heldout_cost"] / 1e6, "test MMACs": b["test_cost"] / 1e6, "test acc %": b["test_accuracy"], "± SE": comparison.binomial_se(b["test_accuracy"], b["n_test"])})
                     print("\nBudgeted batch (thresholds from held-out, applied to test):\n" + t.to_string(index=False))
         comp = out.get("comparison")
         if comp is not None:
-            cols = [c for c in comp.columns if c in ("trial", "status") or c.startswith("acc_") or c.startswith("acc@")]
-            print("\nComparison (test accuracy %, per exit and per budget):\n" + comp[cols].to_string(index=False))
+            print("\nComparison (test accuracy %, per exit and per budget):\n" + comparison.format_table(comp))
     print(f"\n[dynlab] run '{name}' {'finished' if finished else 'ended with failed trials'}. MLflow run {handle.run_id} in {uri}")
     if out.get("figure"):
         print(f"[dynlab] figure: {out['figure']}")

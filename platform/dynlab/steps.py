@@ -17,6 +17,7 @@ import torch
 
 from dynlab import data as data_mod
 from dynlab import evaluation, plots, training
+from dynlab.frames import scalar_columns
 from dynlab.predictions import ExitPredictions
 from dynlab.tracking import RunHandle, cost_step
 
@@ -86,20 +87,13 @@ def evaluate(cfg, tables: PredictionTables) -> Evaluation:
     return Evaluation(any_df, budget_df)
 
 
-def scalar_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` without its list-valued columns (thresholds, exit fractions), for CSV."""
-    listy = [c for c in df.columns if len(df) and df[c].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any()]
-    return df.drop(columns=listy)
-
-
 def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:
     """Everything a run leaves: tables, curves as metrics on a cost axis, the figure, the checkpoint.
     Written to a temporary folder first and logged only when complete."""
     points: list[tuple[str, float, int]] = []
-    for _, row in ev.anytime.iterrows():
-        if "index" in row and pd.notna(row.get("cost")):
-            i = int(row["index"])
-            points += [("anytime/test_accuracy", row["accuracy"], cost_step(row["cost"])), (f"test/acc_out{i}", row["accuracy"], 0), (f"test/mmacs_out{i}", row["cost"] / 1e6, 0)]
+    for _, row in ev.anytime.iterrows():  # every anytime row has an index and a cost
+        i = int(row["index"])
+        points += [("anytime/test_accuracy", row["accuracy"], cost_step(row["cost"])), (f"test/acc_out{i}", row["accuracy"], 0), (f"test/mmacs_out{i}", row["cost"] / 1e6, 0)]
     if ev.budgeted is not None:
         points += [(f"budgeted_{r['mode']}/test_accuracy", r["test_accuracy"], cost_step(r["test_cost"])) for _, r in ev.budgeted.sort_values("test_cost").iterrows()]
     handle.log_points(points)
