@@ -92,3 +92,17 @@ def test_no_budgets_and_no_p_grid_means_anytime_only(heldout):
     ev = steps.evaluate(cfg, tables)
     assert ev.budgeted is None
     assert list(ev.anytime["accuracy"]) == pytest.approx([100.0 * int((preds.logits[e].argmax(-1) == labels).sum()) / 40 for e in range(3)])
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trial_failed_exits_non_zero_and_names_it(in_tmp, ray_local, capsys):
+    from pipelines import ablation_temperature
+
+    args = [*TINY, "sweep.values=[0.5]", "sweep.baseline=false", "data.heldout=100", "eval.num_budgets=1", "run.kill_after_epoch=0", "run.max_failures=0"]
+    assert ablation_temperature.main(args) == 1
+    out = capsys.readouterr().out
+    assert "error: 1 trial(s) did not finish:" in out and "temperature=0.5: error" in out
+    assert "finished. MLflow run" not in out
+    parents = [r for r in runs_of("ablation_temperature") if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["FAILED"]
+    assert "temperature=0.5" in parents[0].data.tags["dynlab.error"]
