@@ -196,3 +196,76 @@ def test_tracking_server_stopped_during_training_loses_no_metric(tmp_path):
     assert steps == list(range(epochs)) and run.info.status == "FINISHED"
     assert "metric points kept" in (tmp_path / "train.log").read_text()  # the outage was felt, and buffered
     stop_mlflow(server)
+
+
+def test_metrics_logged_while_the_server_is_unreachable_are_buffered_and_sent_later(in_tmp):
+    live = tracking.open_run("buffer-test", "run")
+    dead = tracking.RunHandle(f"http://127.0.0.1:{free_port()}", live.run_id, live.experiment_id)
+    t0 = time.monotonic()
+    assert dead.log_points([("loss", 1.0, 0)], retry_seconds=1.0) is False  # retried for a bounded time, then kept
+    assert dead.log_points([("loss", 0.5, 1)]) is False  # known outage: one quick attempt
+    elapsed = time.monotonic() - t0
+    assert elapsed < 6, elapsed  # seconds, not MLflow's minutes of HTTP retries
+    dead.uri = live.uri  # the server is back
+    assert dead.log_points([("loss", 0.25, 2)]) is True
+    steps = [m.step for m in tracking.client().get_metric_history(live.run_id, "loss")]
+    assert sorted(steps) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ a node removed during a sweep
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head without CPUs for trials' workers and two 1-CPU worker nodes, all on this machine."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def train_worker_node(workers) -> object | None:
+    """The worker node on which a Ray Train worker is alive, if any."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    ids = {a.node_id for a in alive}
+    return next((n for n in workers if n.node_id in ids), None)
+
+
+@pytest.mark.slow
+def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, two_node_cluster):
+    cluster, workers = two_node_cluster
+    epochs = 3
+    base = config.cli_config([*TINY, f"epochs={epochs}", f"run.storage_path={in_tmp / 'shared'}", "sweep.trial_cpus=1"])
+    (trial,) = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
+    parent = tracking.open_run("node-loss", "sweep")
+    removed = []
+
+    def remove_when_checkpointed():
+        wait_for(lambda: "epoch_0000" in checkpoints(in_tmp / "shared") and train_worker_node(workers), 240, "the first checkpoint")
+        node = train_worker_node(workers)
+        cluster.remove_node(node)
+        removed.append(node)
+
+    import threading
+
+    killer = threading.Thread(target=remove_when_checkpointed, daemon=True)
+    killer.start()
+    result = sweeps.run(base, [trial], parent, "node-loss")
+    parent.end()
+    killer.join(timeout=5)
+    assert removed, "the node was not removed while the trial trained"
+    assert list(result.table["status"]) == ["ok"]
+    counts = mlflow_counts(tracking.tracking_uri(), "node-loss", epochs)
+    assert_clean(counts, trials=1, epochs=epochs, fault="node removed")
+    (child,) = [r for r in counts["runs"] if "dynlab.trial" in r.data.tags]
+    assert int(child.data.tags["dynlab.resumed_at_epoch"]) >= 1  # resumed from its checkpoint, not from scratch

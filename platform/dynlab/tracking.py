@@ -29,7 +29,7 @@ TRAIN_NAME_TAG = "dynlab.train_name"
 CONFIG_HASH_TAG = "dynlab.config_hash"
 OWNER_TAG = "dynlab.owner"  # host:pid:start of the driver process a RUNNING run belongs to
 PARENTS_TAG = "dynlab.earlier_parents"  # a child run continued under a new parent run lists the old ones
-LOG_RETRY_SECONDS = 30.0  # one metric-logging call retries a dead server this long, then buffers
+LOG_RETRY_SECONDS = 10.0  # a metric-logging call retries a dead server this long, then buffers
 HTTP_TIMEOUT_SECONDS = "10"  # per request while logging metrics; MLflow's default is 120 s with 7 retries
 
 
@@ -127,8 +127,11 @@ class RunHandle:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        outage = bool(self._pending)  # already known down: one attempt, so training does not wait on it
         self._pending += [Metric(k, float(v), now, int(step)) for k, v, step in points]
-        return self.flush(LOG_RETRY_SECONDS if retry_seconds is None else retry_seconds)
+        if retry_seconds is None:
+            retry_seconds = 0.0 if outage else LOG_RETRY_SECONDS
+        return self.flush(retry_seconds)
 
     def flush(self, retry_seconds: float = LOG_RETRY_SECONDS) -> bool:
         """Send the buffered metric points, retrying with backoff for at most ``retry_seconds``."""

@@ -37,6 +37,7 @@ from dynlab.predictions import ExitPredictions, GatedPredictions, Predictions, S
 STATE_FILE = "state.pt"
 PROGRESS_SECONDS = 30.0  # a progress line within an epoch at most this often
 BEST_FILE = "best.pt"
+FINAL_FLUSH_SECONDS = 300.0  # at the end of training, buffered metrics wait this long for the tracking server
 
 
 # ---------------------------------------------------------------- pieces usable outside Ray
@@ -195,8 +196,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if loop.cfg.run.kill_after_epoch == epoch:  # fault injection for tests: die like a preempted node.
             # Fires once: a retry resumes from this epoch's checkpoint, so it never reaches this epoch again.
             os.kill(os.getpid(), signal.SIGKILL)
-    if loop.tracker:
-        loop.tracker.flush()
+    if loop.tracker and not loop.tracker.flush(FINAL_FLUSH_SECONDS):
+        _progress("tracking server still unreachable: some epochs' metrics were not logged (the checkpoints hold them; a resumed run logs them)")
 
 
 def setup(payload: dict[str, Any]) -> Loop:
