@@ -217,7 +217,10 @@ def test_metrics_logged_while_the_server_is_unreachable_are_buffered_and_sent_la
 
 @pytest.fixture
 def two_node_cluster():
-    """A head without CPUs for trials' workers and two 1-CPU worker nodes, all on this machine."""
+    """A head and two worker nodes of 1 CPU each, all on this machine (shared storage: a local
+    folder). A trial holds 1 CPU (sweep.trial_cpus=1) and its Train worker another, so the worker
+    never shares a node with the trial and its Train controller (pinned to the trial's node):
+    removing the worker's node is a node loss the trial must survive."""
     import ray
     from ray.cluster_utils import Cluster
 

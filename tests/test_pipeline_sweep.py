@@ -67,17 +67,24 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_its_trial_from_the_checkpoint(in_tmp, ray_local):
-    base = config.cli_config([*TINY, "epochs=2"])
+    base = config.cli_config([*TINY, "epochs=2", "run.max_failures=0"])  # no retries: the kill fails the trial
     trials = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
     killed = [sweeps.Trial(**{**t.__dict__, "config": t.cfg().with_overrides(["run.kill_after_epoch=0"]).to_dict()}) for t in trials]
     assert killed[0].train_key == trials[0].train_key  # fault injection does not change what is trained
 
-    first = sweeps.run(base, killed, tracking.open_run("resume-test", "first"), "resume-test")
+    first_parent = tracking.open_run("resume-test", "first")
+    first = sweeps.run(base, killed, first_parent, "resume-test")
     assert list(first.table["status"]) == ["error"] and first.trained == []
 
     parent = tracking.open_run("resume-test", "second")
     second = sweeps.run(base, trials, parent, "resume-test")
     assert list(second.table["status"]) == ["ok"] and second.trained == [trials[0].id]
-    (child,) = children(MlflowClient(tracking.tracking_uri()), parent)
+    client = MlflowClient(tracking.tracking_uri())
+    (child,) = children(client, parent)
     assert child.data.tags["dynlab.resumed_at_epoch"] == "1"  # epoch 1 was not trained again
+    # one child run for the trial across both invocations: the failed one continued, re-pointed
+    all_children = client.search_runs([parent.experiment_id], filter_string="tags.`dynlab.trial` = 'temperature=0.5'")
+    assert [r.info.run_id for r in all_children] == [child.info.run_id]
+    assert child.data.tags[tracking.PARENTS_TAG] == first_parent.run_id
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "best_score")] == [0, 1]
     assert second.table["best_epoch"].iloc[0] in (0, 1)

@@ -39,18 +39,12 @@ def test_two_worker_ddp_run_trains_evaluates_and_logs(in_tmp, ray_local):
 
 
 @pytest.mark.slow
-def test_run_killed_after_an_epoch_resumes_from_its_checkpoint(in_tmp, ray_local, capfd):
-    args = ["epochs=2", "run.name=killed", *TINY]
-    with pytest.raises(Exception):
-        train.main([*args, "run.kill_after_epoch=0"])
+def test_worker_killed_after_an_epoch_is_retried_from_its_checkpoint(in_tmp, ray_local, capfd):
+    """run.max_failures (default 3): the killed worker group restarts from its last checkpoint and
+    the run simply finishes, every epoch logged once. The kill fires once (not again on the retry)."""
+    assert train.main(["epochs=2", "run.name=killed", "run.kill_after_epoch=0", *TINY]) == 0
     client, run = only_run("killed")
-    assert run.info.status == "FAILED"
-    assert (in_tmp / "dynlab_runs" / "killed" / "epoch_0000").is_dir()
-    assert not (in_tmp / "dynlab_runs" / "killed" / "epoch_0001").exists()
-
-    assert train.main(args) == 0
-    client, again = only_run("killed")  # the same MLflow run, reopened
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert again.data.tags["dynlab.resumed_at_epoch"] == "1"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dynlab.resumed_at_epoch"] == "1"  # epoch 0 was not trained again
     assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout/acc_mean")] == [0, 1]
     assert "resumed from checkpoint after epoch 1 of 2" in capfd.readouterr().out
