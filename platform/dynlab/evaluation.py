@@ -202,13 +202,16 @@ def geometric_expected_cost(q, costs: torch.Tensor) -> torch.Tensor:
     return geometric_distribution(q, costs.numel()) @ costs.cpu()
 
 
-def _sorted_confidence(conf_heldout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-exit descending sort of the held-out confidence (shared by many calibrations)."""
+def sorted_confidence(conf_heldout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-exit descending sort of the held-out confidence: ``(values, order)``, each [E, N].
+    Computed once, it can be passed to many :func:`calibrate_many` calls on the same confidence."""
     return torch.sort(conf_heldout, dim=1, descending=True, stable=True)
 
 
-def calibrate_many(conf_heldout: torch.Tensor, P: torch.Tensor, *, _sorted=None) -> torch.Tensor:
+def calibrate_many(conf_heldout: torch.Tensor, P: torch.Tensor, *, presorted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Thresholds for Q exit distributions at once: ``conf [E, N]``, ``P [Q, E]`` -> ``[Q, E]``.
+    ``presorted``: :func:`sorted_confidence` of ``conf_heldout``, when a caller calibrates the same
+    confidence many times (solving for budgets).
 
     The reference rule (REFERENCE.md section 2, step 3): for exits 0..E-2 in order,
     n_k = floor(N * P_k); among the samples not yet exited, sorted by confidence at exit k
@@ -228,7 +231,7 @@ def calibrate_many(conf_heldout: torch.Tensor, P: torch.Tensor, *, _sorted=None)
     if P.dim() != 2 or P.shape[1] != E:
         raise ValueError(f"P must be [distributions, exits={E}], got {tuple(P.shape)}")
     Q = P.shape[0]
-    sorted_conf, order = _sorted_confidence(conf_heldout) if _sorted is None else _sorted
+    sorted_conf, order = sorted_confidence(conf_heldout) if presorted is None else presorted
     # floor(N * P_k) in float64: the same numbers as Python's math.floor(N * float(P_k))
     n_out = torch.floor(N * P).to(torch.long)  # [Q, E]
     thresholds = torch.full((Q, E), math.inf, dtype=conf_heldout.dtype, device=conf_heldout.device)
@@ -343,10 +346,10 @@ def solve_q(conf_heldout: torch.Tensor, costs: torch.Tensor, budget, *, refine: 
         hi = torch.where(below, hi, mid)
     log_q = 0.5 * (lo + hi)
 
-    sorted_conf = _sorted_confidence(conf_heldout)
+    sorted_conf = sorted_confidence(conf_heldout)
 
     def calibrated_cost(lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = calibrate_many(conf_heldout, geometric_distribution(torch.exp(lq), E), _sorted=sorted_conf)
+        T = calibrate_many(conf_heldout, geometric_distribution(torch.exp(lq), E), presorted=sorted_conf)
         frac = _exit_fractions(exit_indices(conf_heldout, T), E).cpu()
         return frac @ costs, T
 
