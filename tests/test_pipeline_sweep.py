@@ -62,7 +62,7 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
     assert out3["trained"] == []
     assert sorted(dag3.cached) == ["predict[temperature=0.0]", "predict[temperature=0.5]"]
     assert sorted(n for n in dag3.ran if n.startswith("evaluate")) == ["evaluate[temperature=0.0]", "evaluate[temperature=0.5]"]
-    assert sum(c.startswith("acc@") for c in out3["comparison"].columns) == 3
+    assert sum(c.startswith("acc@") and not c.endswith("_se") for c in out3["comparison"].columns) == 3  # each with its _se column
 
 
 @pytest.mark.slow
