@@ -63,6 +63,7 @@ ROWS = [
     ("train", ["eval.budgets=[1,2"], ["'eval.budgets' = '[1,2'", "unbalanced brackets"]),
     ("train", ["eval.budgets=1,,2"], ["'eval.budgets'", "an empty item"]),
     ("train", ["boostnet.exit_weights=[1,2,3]", *TINY], ["'boostnet.exit_weights' = [1.0, 2.0, 3.0]", "2 numbers, one per exit"]),
+    ("train", ["workers=0", "run.kill_after_epoch=0"], ["'run.kill_after_epoch' = 0", "in-process it would kill the driver"]),
     ("train", ["optim.milestones=[0.8,0.2]"], ["'optim.milestones'", "increasing fractions"]),
     ("train", ["workers=64"], ["'run.num_workers' = 64", "the Ray cluster has"]),
     ("train", ["run.use_gpu=true"], ["'run.use_gpu' = True", "0 GPU(s)"]),

@@ -72,6 +72,7 @@ def main(
         cluster.stop_if_started()
         return 2
 
+    tracking.close_orphans(tracking.experiment_id(cfg.run.experiment, uri), uri)  # runs left RUNNING by a killed driver
     handle = tracking.open_run(cfg.run.experiment, name, tags={"dynlab.argv": " ".join(argv)}, resume_key=name)
     print(f"[dynlab] MLflow run {handle.run_id} ('{name}') in {uri}", flush=True)
     try:

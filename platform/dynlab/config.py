@@ -415,6 +415,8 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError("run.amp", cfg.run.amp, "none unless run.use_gpu=true (AMP is a GPU path)")
     if any(b <= 0 for b in cfg.eval.budgets):
         raise ConfigError("eval.budgets", cfg.eval.budgets, "positive budgets in MMACs per image")
+    if cfg.run.kill_after_epoch >= 0 and cfg.run.num_workers == 0:
+        raise ConfigError("run.kill_after_epoch", cfg.run.kill_after_epoch, "-1 with run.num_workers=0 (the fault injection kills a Ray Train worker; in-process it would kill the driver)")
     values = cfg.sweep.values
     if len(set(values)) != len(values):
         dup = sorted({v for v in values if values.count(v) > 1})
