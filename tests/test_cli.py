@@ -47,7 +47,7 @@ def test_full_training_set_with_anytime_evaluation_finishes(in_tmp, ray_local, c
     args = [*TINY, "data.heldout=0", "run.select=last", "eval.num_budgets=0", "eval.p_grid=false", "run.name=full"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "Anytime (test)" in out and "Budgeted batch" not in out
+    assert "Anytime (test accuracy %" in out and "Budgeted batch" not in out
     (run,) = runs_of("dynlab-train")
     assert run.info.status == "FINISHED"
     client = MlflowClient(tracking.tracking_uri())

@@ -104,6 +104,9 @@ def test_driver_killed_then_interrupted_then_rerun_continues_one_curve(tmp_path)
     reap(killed)
 
     interrupted = start(args, tmp_path, env, tmp_path / "interrupted.log")
+    # the killed driver's last worker may still write a checkpoint while it dies: wait for this
+    # invocation's own worker to resume before looking for its new checkpoint
+    wait_for(lambda: "resumed from checkpoint" in (tmp_path / "interrupted.log").read_text(), 180, "the trial to resume", interrupted)
     before = checkpoints(storage)
     wait_for(lambda: checkpoints(storage) - before, 180, "a checkpoint of the resumed trial", interrupted)
     interrupted.send_signal(signal.SIGINT)
