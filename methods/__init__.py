@@ -2,3 +2,4 @@
 
 from methods import backbones  # noqa: F401  (registers backbones and presets)
 from methods import boostnet, joint  # noqa: F401  (registers methods)
+from methods import adn  # noqa: F401  (ADN: adaptive-depth networks)

@@ -1,0 +1,131 @@
+"""ADN (Kang et al., "Adaptive Depth Networks with Skippable Sub-Paths"): one network, 2^stages
+sub-networks chosen at test time (REFERENCE.md section 6; paper 004).
+
+Training step (paper Algorithm 1, in the two-backward form the paper uses under DDP):
+1. super-net (no stage skipped): CE(logits, y), first ``backward``;
+2. base-net (every stage skipped): with self-distillation (``distill=true``)
+   ``kd_lambda * (logit_weight * KL_T(logits) + feature_weight * sum_s KL_T(stage features))``,
+   teacher = the super-net's outputs, detached; without it (the paper's ablation) CE(logits, y);
+   second ``backward``. The platform then takes one optimizer step.
+
+KL_T(t, s) = T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over rows. For logits a row is a
+sample (``topk`` > 0 keeps only the teacher's k most likely classes, as the reference code does
+with 500 on ImageNet); for stage features [B,C,H,W] a row is one position's channel vector
+(our reading of the paper's Eq. 2: the distribution of the features over channels at each place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynlab.config import bounded
+from dynlab.errors import ConfigError
+from dynlab.predictions import SubnetPredictions
+from dynlab.registry import DatasetInfo, get_backbone, register_method
+from methods.backbones import adn_resnet
+from methods.backbones.adn_resnet import subnet_names
+
+
+@dataclass
+class ADNConfig:
+    distill: bool = field(default=True, metadata={"help": "skip-aware self-distillation; false: the base-net is trained with CE (ablation)"})
+    skip_aware_norms: bool = field(default=True, metadata={"help": "second set of norms in mandatory blocks, used when the stage is skipped"})
+    kd_lambda: float = bounded(1.0, 0.0, help="weight of the distillation terms of the base-net loss")
+    temperature: float = bounded(1.0, 1e-3, help="KD temperature T (reference: 1)")
+    logit_weight: float = bounded(0.5, 0.0, help="weight of logit KD inside the distillation term (reference: 0.5)")
+    feature_weight: float = bounded(0.5, 0.0, help="weight of stage-feature KD (paper Eq. 2; reference: 0.5)")
+    topk: int = bounded(0, 0, help="logit KD over the teacher's top-k classes only; 0 = all classes")
+    subnets: list[str] = field(default_factory=list, metadata={"help": "sub-networks to evaluate, e.g. [TTTT,FFFF]; empty = all 2^stages"})
+
+
+def kd_rows(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over rows of KL(softmax(teacher/T) || softmax(student/T)); rows = last axis."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def logit_kd(teacher: torch.Tensor, student: torch.Tensor, temperature: float, topk: int = 0) -> torch.Tensor:
+    if 0 < topk < teacher.shape[1]:
+        idx = teacher.topk(topk, dim=1).indices
+        teacher, student = teacher.gather(1, idx), student.gather(1, idx)
+    return kd_rows(teacher, student, temperature)
+
+
+def feature_kd(teacher: list[torch.Tensor], student: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Sum over stages of the channel-distribution KL at every position."""
+    def rows(f):
+        return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
+
+    return sum(kd_rows(rows(t), rows(s), temperature) for t, s in zip(teacher, student))
+
+
+def _net(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP wraps the network
+
+
+@register_method("adn", ADNConfig, backbones=("adn_resnet",))
+class ADN:
+    """Super-net CE and base-net self-distillation, two backward calls; sub-network predictions."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mcfg: ADNConfig = cfg.method_cfg
+
+    def build_model(self, info: DatasetInfo) -> nn.Module:
+        entry = get_backbone(self.cfg.backbone)
+        model = entry.build(self.cfg.backbone_cfg, info, skip_aware_norms=self.mcfg.skip_aware_norms)
+        self.subnets(model)  # unknown sub-network names fail here, before training
+        return model
+
+    def subnets(self, model: nn.Module) -> list[str]:
+        every = subnet_names(_net(model).num_stages)
+        chosen = list(self.mcfg.subnets) or every
+        bad = [n for n in chosen if n not in every]
+        if bad or len(set(chosen)) != len(chosen):
+            raise ConfigError(f"{self.cfg.method}.subnets", self.mcfg.subnets, f"distinct names of {len(every[0])} letters T/F (one per stage, T = skipped), e.g. {every[0]},{every[-1]}; empty = all")
+        return chosen
+
+    def train_step(self, model, batch, backward):
+        images, targets = batch
+        stages = _net(model).num_stages
+        logits, feats = model(images, skip=[False] * stages, return_features=True)
+        loss_super = F.cross_entropy(logits.float(), targets)
+        backward(loss_super)
+        teacher_logits, teacher_feats = logits.detach(), [f.detach() for f in feats]
+
+        base, base_feats = model(images, skip=[True] * stages, return_features=True)
+        loss_base = self.base_loss(base, base_feats, teacher_logits, teacher_feats, targets)
+        backward(loss_base)
+        return {
+            "loss": (loss_super + loss_base).detach(),
+            "loss_super": loss_super.detach(),
+            "loss_base": loss_base.detach(),
+            "acc_super": (logits.argmax(1) == targets).float().mean().detach() * 100,
+            "acc_base": (base.argmax(1) == targets).float().mean().detach() * 100,
+        }
+
+    def base_loss(self, logits, feats, teacher_logits, teacher_feats, targets) -> torch.Tensor:
+        c = self.mcfg
+        if not c.distill:
+            return F.cross_entropy(logits.float(), targets)
+        kd = c.logit_weight * logit_kd(teacher_logits, logits, c.temperature, c.topk)
+        if c.feature_weight > 0:
+            kd = kd + c.feature_weight * feature_kd(teacher_feats, feats, c.temperature)
+        return c.kd_lambda * kd
+
+    @torch.no_grad()
+    def predict(self, model, images) -> SubnetPredictions:
+        net = _net(model)
+        names = self.subnets(net)
+        table = net.cost_table
+        costs = torch.tensor([table.macs[table.names.index(n)] for n in names], dtype=torch.float64)
+        logits = torch.stack([net(images, skip=n).float() for n in names])
+        return SubnetPredictions(logits, costs, names)
+
+
+__all__ = ["ADN", "ADNConfig", "adn_resnet", "logit_kd", "feature_kd", "kd_rows"]

@@ -1,0 +1,206 @@
+"""ADN ResNet (Kang et al., "Adaptive Depth Networks with Skippable Sub-Paths"): torchvision's ResNet
+blocks and state-dict layout, every stage split into a mandatory first half and a skippable second
+half (REFERENCE.md section 6).
+
+``forward(x, skip=[bool per stage])``: a True stage runs only its mandatory blocks, which then use
+a second set of norm layers (skip-aware BN, stored as ``skip_norms`` inside each mandatory block,
+so every torchvision key keeps its name and a torchvision state dict loads into the super-net).
+The 2^stages sub-networks are named one letter per stage: F = stage kept whole, T = skippable half
+skipped (``FFFF`` = super-net, ``TTTT`` = base-net).
+
+The ImageNet stem (7x7/2 conv + max-pool, width 64) reproduces torchvision's ResNet exactly; the
+CIFAR stem (3x3/1 conv, no pooling, any width) makes variants that train on 32x32 images in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from dynlab import costs
+from dynlab.config import bounded, choice
+from dynlab.errors import ConfigError
+from dynlab.registry import DatasetInfo, register_backbone, register_preset
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def mandatory_count(n_blocks: int) -> int:
+    """Blocks in a stage's mandatory half: min(n-1, ceil(n/2)) (ResNet-50 [3,4,6,3] -> [2,2,3,2])."""
+    return min(n_blocks - 1, (n_blocks + 1) // 2)
+
+
+def subnet_names(stages: int) -> list[str]:
+    """Every sub-network, base-net first and super-net last (``TTTT`` ... ``FFFF``)."""
+    return ["".join(p) for p in itertools.product("TF", repeat=stages)]
+
+
+def parse_skip(skip, stages: int) -> list[bool]:
+    """``None`` (super-net), a name like ``"TFFT"`` or a list of bools -> one bool per stage."""
+    if skip is None:
+        return [False] * stages
+    if isinstance(skip, str):
+        if len(skip) != stages or set(skip) - {"T", "F"}:
+            raise ValueError(f"skip {skip!r}: expected {stages} letters T/F, one per stage")
+        return [c == "T" for c in skip]
+    skip = [bool(s) for s in skip]
+    if len(skip) != stages:
+        raise ValueError(f"skip has {len(skip)} entries for {stages} stages")
+    return skip
+
+
+def _norm_names(block: nn.Module) -> list[str]:
+    names = ["bn1", "bn2"] + (["bn3"] if isinstance(block, Bottleneck) else [])
+    return names + (["downsample"] if block.downsample is not None else [])
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, skip_norms: bool) -> torch.Tensor:
+    """A torchvision block, with its second norm set when ``skip_norms`` (and the block has one)."""
+    if not skip_norms or not hasattr(block, "skip_norms"):
+        return block(x)
+    n = block.skip_norms
+    out = block.relu(n["bn1"](block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.relu(n["bn2"](block.conv2(out)))
+        out = n["bn3"](block.conv3(out))
+    else:
+        out = n["bn2"](block.conv2(out))
+    identity = x if block.downsample is None else n["downsample"](block.downsample[0](x))
+    return block.relu(out + identity)
+
+
+class ADNResNet(nn.Module):
+    """ResNet with skippable second halves; attribute names follow torchvision's ResNet."""
+
+    def __init__(self, block: str, layers: list[int], num_classes: int, width: int = 64, stem: str = "imagenet",
+                 skip_aware_norms: bool = True, in_channels: int = 3, image_size: int = 224):
+        super().__init__()
+        blk = BLOCKS[block]
+        self.inplanes = width
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        for i, n in enumerate(layers):
+            setattr(self, f"layer{i + 1}", self._make_layer(blk, width * 2**i, n, stride=1 if i == 0 else 2))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.inplanes, num_classes)
+        self.num_stages = len(layers)
+        self.layers = list(layers)
+        self.mandatory = [mandatory_count(n) for n in layers]
+        self.skip_aware_norms = skip_aware_norms
+        self.input_shape = (1, in_channels, image_size, image_size)
+        self._init_weights()
+        if skip_aware_norms:  # copies of the mandatory blocks' norms: same init, separate statistics
+            for stage, m in zip(self.stages, self.mandatory):
+                for b in list(stage)[:m]:
+                    b.skip_norms = nn.ModuleDict({k: copy.deepcopy(self._norm(b, k)) for k in _norm_names(b)})
+        self._cost_table: costs.CostTable | None = None
+
+    @staticmethod
+    def _norm(block: nn.Module, name: str) -> nn.Module:
+        return block.downsample[1] if name == "downsample" else getattr(block, name)
+
+    def _make_layer(self, blk, planes: int, n: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * blk.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * blk.expansion, stride), nn.BatchNorm2d(planes * blk.expansion))
+        blocks = [blk(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * blk.expansion
+        blocks += [blk(self.inplanes, planes) for _ in range(1, n)]
+        return nn.Sequential(*blocks)
+
+    def _init_weights(self) -> None:  # torchvision's ResNet initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward(self, x: torch.Tensor, skip=None, return_features: bool = False):
+        """Logits of the sub-network ``skip`` (None = super-net); with ``return_features`` also the
+        output of every stage (the features that skip-aware self-distillation compares)."""
+        skip = parse_skip(skip, self.num_stages)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for stage, m, s in zip(self.stages, self.mandatory, skip):
+            for j, b in enumerate(stage):
+                if s and j >= m:
+                    break
+                x = block_forward(b, x, skip_norms=s and self.skip_aware_norms)
+            features.append(x)
+        logits = self.fc(torch.flatten(self.avgpool(x), 1))
+        return (logits, features) if return_features else logits
+
+    def load_torchvision(self, state_dict: dict) -> None:
+        """Load a torchvision ResNet state dict into the super-net; the skip-aware norms start as
+        copies of the loaded norms."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        bad = [k for k in missing if ".skip_norms." not in k]
+        if bad or unexpected:
+            raise ValueError(f"not a matching torchvision ResNet state dict: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
+        for stage, m in zip(self.stages, self.mandatory):
+            for b in list(stage)[:m]:
+                if hasattr(b, "skip_norms"):
+                    for k in b.skip_norms:
+                        b.skip_norms[k].load_state_dict(self._norm(b, k).state_dict())
+
+    def subnet_cost(self, name: str) -> tuple[float, int]:
+        """MACs and parameters of one sub-network, measured by running it (dynlab.costs)."""
+        return costs.measure_total(_Subnet(self, name), self.input_shape)
+
+    @property
+    def cost_table(self) -> costs.CostTable:
+        """One row per sub-network (base-net first, super-net last), measured once on first use."""
+        if self._cost_table is None:
+            names = subnet_names(self.num_stages)
+            rows = [self.subnet_cost(n) for n in names]
+            self._cost_table = costs.CostTable(macs=[r[0] for r in rows], params=[r[1] for r in rows], names=names)
+        return self._cost_table
+
+
+class _Subnet(nn.Module):
+    """The model with a fixed skip pattern, for cost counting."""
+
+    def __init__(self, net: ADNResNet, name: str):
+        super().__init__()
+        self.net, self.name = net, name
+
+    def forward(self, x):
+        return self.net(x, skip=self.name)
+
+
+@dataclass
+class ADNResNetConfig:
+    block: str = choice("basic", "basic", "bottleneck", help="torchvision block type")
+    layers: list[int] = field(default_factory=lambda: [2, 2, 2, 2], metadata={"help": "blocks per stage (each >= 2: a mandatory and a skippable half)"})
+    width: int = bounded(8, 1, help="channels of the first stage (torchvision: 64)")
+    stem: str = choice("cifar", "cifar", "imagenet", help="cifar: 3x3/1 conv; imagenet: torchvision's 7x7/2 conv + max-pool")
+
+    def validate(self, section: str) -> None:
+        if not self.layers or any(n < 2 for n in self.layers):
+            raise ConfigError(f"{section}.layers", self.layers, "a non-empty list of blocks per stage, each >= 2 (a mandatory and a skippable half)")
+
+
+@register_backbone("adn_resnet", ADNResNetConfig, description="ResNet with skippable second halves (ADN), torchvision layout")
+def build_adn_resnet(cfg: ADNResNetConfig, info: DatasetInfo, skip_aware_norms: bool = True) -> ADNResNet:
+    return ADNResNet(cfg.block, list(cfg.layers), info.num_classes, cfg.width, cfg.stem, skip_aware_norms, info.channels, info.image_size)
+
+
+register_preset("adn-resnet50", "adn_resnet", "imagenet", "ResNet-50-ADN, ImageNet 224x224", block="bottleneck", layers=[3, 4, 6, 3], width=64, stem="imagenet")
+register_preset("adn-resnet101", "adn_resnet", "imagenet", "ResNet-101-ADN, ImageNet 224x224", block="bottleneck", layers=[3, 4, 23, 3], width=64, stem="imagenet")
+register_preset("adn-resnet-cifar", "adn_resnet", "cifar10", "small ADN ResNet for 32x32 inputs (basic blocks, width 16)", block="basic", layers=[2, 2, 2, 2], width=16, stem="cifar")
