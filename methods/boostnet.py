@@ -2,8 +2,9 @@
 
 F_0 = 0, F_n = t_n * stop_grad(F_{n-1}) + f_n, loss = sum_n w_n CE(F_n, y); the same F_n are the exit
 logits at test time. ``trainable_prev=true`` drops the stop-gradient (the paper's ablation), and
-``gradient_rescale`` turns the backbone's gradient equilibrium on or off (on backbones that
-implement it: MSDNet; elsewhere the config layer refuses or turns it off).
+``gradient_rescale`` turns the reference's gradient rescaling on or off (on backbones that
+implement it: MSDNet; elsewhere the config layer refuses or turns it off); ``gradient_equilibrium``
+is the IMTA paper's exact form (MSDNet and RANet), an alternative to it.
 
 Temperatures are indexed by the exit that *uses* them (t_n multiplies F_{n-1} inside F_n), which
 avoids the reference code's off-by-one between its training and evaluation scripts.
@@ -19,7 +20,7 @@ from torch import nn
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_method
-from methods.exits import ExitMethod, build_exit_backbone
+from methods.exits import GRADIENT_EQUILIBRIUM_HELP, GRADIENT_RESCALE_HELP, ExitMethod, build_exit_backbone
 
 
 @dataclass
@@ -27,7 +28,8 @@ class BoostNetConfig:
     temperature: float = bounded(0.5, 0.0, help="t_n for every exit (paper default 0.5)")
     temperatures: list[float] = field(default_factory=list, metadata={"help": "per-exit t_2..t_N; overrides temperature"})
     trainable_prev: bool = field(default=False, metadata={"help": "let gradients flow into F_{n-1} (ablation)"})
-    gradient_rescale: bool = True
+    gradient_rescale: bool = field(default=True, metadata={"help": GRADIENT_RESCALE_HELP + "; the BoostNet reference's default"})
+    gradient_equilibrium: bool = field(default=False, metadata={"help": GRADIENT_EQUILIBRIUM_HELP})
     exit_weights: list[float] = field(default_factory=list, metadata={"help": "w_n per exit; empty = all 1"})
 
     def validate(self, section: str) -> None:

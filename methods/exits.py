@@ -16,7 +16,19 @@ from dynlab.registry import DatasetInfo, backbone_options, get_backbone
 def build_exit_backbone(cfg, info: DatasetInfo) -> nn.Module:
     """The backbone of ``cfg``, given the method options it implements (e.g. gradient_rescale)."""
     entry = get_backbone(cfg.backbone)
+    check_gradient_forms(cfg.method_cfg, cfg.method)
     return entry.build(cfg.backbone_cfg, info, **backbone_options(cfg.backbone, cfg.method_cfg))
+
+
+GRADIENT_EQUILIBRIUM_HELP = "IMTA's gradient equilibrium, the paper's exact form: each block's gradient is the average of the exit losses that depend on it (MSDNet, RANet)"
+GRADIENT_RESCALE_HELP = "gradient equilibrium as the reference codes do it: MSDNet's coarsest scale only (BoostNet's gradient rescaling)"
+
+
+def check_gradient_forms(cfg, section: str) -> None:
+    """The two forms of gradient equilibrium are alternatives, not layers. Checked at the model build
+    (the driver's preflight builds it), after the config layer has set off what the backbone lacks."""
+    if getattr(cfg, "gradient_rescale", False) and getattr(cfg, "gradient_equilibrium", False):
+        raise ConfigError(f"{section}.gradient_equilibrium", True, f"false when {section}.gradient_rescale=true (two forms of one rescaling: the paper's exact form, or the reference codes' coarsest-scale form; choose one)")
 
 
 def exit_weights(weights: list[float], num_exits: int, section: str) -> torch.Tensor:

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from dynlab.registry import DatasetInfo, register_method
-from methods.exits import ExitMethod, build_exit_backbone
+from methods.exits import GRADIENT_EQUILIBRIUM_HELP, GRADIENT_RESCALE_HELP, ExitMethod, build_exit_backbone
 
 
 @dataclass
 class JointConfig:
-    gradient_rescale: bool = field(default=False, metadata={"help": "IMTA/BoostNet gradient equilibrium on the backbone"})
+    gradient_rescale: bool = field(default=False, metadata={"help": GRADIENT_RESCALE_HELP})
+    gradient_equilibrium: bool = field(default=False, metadata={"help": GRADIENT_EQUILIBRIUM_HELP})
     exit_weights: list[float] = field(default_factory=list, metadata={"help": "loss weight per exit; empty = all 1"})
 
 

@@ -271,12 +271,12 @@ def test_gradient_rescaling_in_model():
 
 
 def test_msdnet_implements_gradient_rescale_and_receives_it():
-    assert registry.get_backbone("msdnet").method_options == ("gradient_rescale",)
+    assert registry.get_backbone("msdnet").method_options == ("gradient_rescale", "gradient_equilibrium")
     for value in (True, False):
         cfg = config.cli_config(["method=joint", "msdnet.n_blocks=2", f"joint.gradient_rescale={value}"])
         assert registry.unsupported_options("msdnet", cfg.method_cfg) == {}
-        assert registry.backbone_options("msdnet", cfg.method_cfg) == {"gradient_rescale": value}
+        assert registry.backbone_options("msdnet", cfg.method_cfg) == {"gradient_rescale": value, "gradient_equilibrium": False}
         model = registry.get_method("joint").cls(cfg).build_model(DIGITS)
         assert model.gradient_rescale is value  # the option reaches the network
-    with pytest.raises(ValueError, match=r"method_options \['dropout'\] are not allowed: expected names from \['gradient_rescale'\]"):
+    with pytest.raises(ValueError, match=r"method_options \['dropout'\] are not allowed: expected names from \['gradient_equilibrium', 'gradient_rescale'\]"):
         registry.register_backbone("x", MSDNetConfig, method_options=("dropout",))

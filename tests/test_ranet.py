@@ -319,15 +319,16 @@ def test_costs_pipeline_json():
     assert cmd.main(["backbone=ranet", "ranet.gr_factor=[4,2]"]) == 2
 
 
-def test_ranet_implements_no_method_option():
-    """gradient_rescale is MSDNet-only (as in the reference): RANet declares no method options, so
-    the config layer can refuse or turn off the option and the hash follows what is trained."""
-    assert registry.get_backbone("ranet").method_options == ()
+def test_ranet_implements_only_the_paper_gradient_equilibrium():
+    """gradient_rescale (the reference's coarsest-scale form) is MSDNet-only: RANet declares only the
+    paper's gradient_equilibrium, so the config layer can refuse or turn off the other option and the
+    hash follows what is trained (tests/test_imta_ge.py checks the gradients)."""
+    assert registry.get_backbone("ranet").method_options == ("gradient_equilibrium",)
     for method in ("boostnet", "joint"):
         cfg = config.cli_config([f"method={method}", "backbone=ranet"])
         reasons = registry.unsupported_options("ranet", cfg.method_cfg)
         assert set(reasons) == {"gradient_rescale"}
         assert "ranet" in reasons["gradient_rescale"] and "msdnet" in reasons["gradient_rescale"]
-        assert registry.backbone_options("ranet", cfg.method_cfg) == {}
+        assert registry.backbone_options("ranet", cfg.method_cfg) == {"gradient_equilibrium": False}
     with pytest.raises(TypeError):  # RANet's builder takes no gradient_rescale at all
         build_ranet(RANetConfig(), DIGITS, gradient_rescale=True)

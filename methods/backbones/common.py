@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -80,15 +81,32 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def run_head(head: nn.Module, x: torch.Tensor, logits: list, features: list | None = None) -> None:
-    """Apply an exit head (``features`` then ``linear``); with a ``features`` list, also keep the
-    pooled features its Linear reads (IMTA's phase II builds on them)."""
-    if features is None:
-        logits.append(head(x))
-    else:
+HeadFn = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
+
+
+def plain_head(k: int, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's own exit head ``k`` on its input: the default ``head_fn`` of ``forward_heads``."""
+    return head(x)
+
+
+def keep_features(store: list) -> HeadFn:
+    """A ``head_fn`` that also keeps the pooled features each head's Linear reads (in ``store``)."""
+
+    def fn(k: int, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         pooled = head.features(x)
-        features.append(pooled)
-        logits.append(head.linear(pooled))
+        store.append(pooled)
+        return head.linear(pooled)
+
+    return fn
+
+
+def ge_edge(x: torch.Tensor, n_to: int, n_from: int) -> torch.Tensor:
+    """Gradient Equilibrium on one edge of the network: a tensor made by a part on which ``n_from``
+    exit losses depend, read by a part on which ``n_to`` of them depend (a head: 1). Scaling every
+    such edge's gradient by ``n_to/n_from`` makes the factors telescope along any path, so the
+    gradient of each loss at a part is the raw one divided by that part's ``n``: every part gets the
+    average of the losses that depend on it (IMTA Eq. 5), whatever the graph (chain or streams)."""
+    return x if n_to == n_from else scale_grad(x, n_to / n_from)
 
 
 def with_exit_costs(model: nn.Module, info) -> nn.Module:

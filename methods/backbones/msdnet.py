@@ -18,7 +18,7 @@ from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.common import ConvBNReLU, PerScale, block_layer_counts, conv_out, init_weights, run_head, scale_grad, with_exit_costs
+from methods.backbones.common import ConvBNReLU, HeadFn, PerScale, block_layer_counts, conv_out, ge_edge, init_weights, keep_features, plain_head, scale_grad, with_exit_costs
 
 
 @dataclass
@@ -229,17 +229,25 @@ class ExitHead(nn.Module):
 class MSDNet(nn.Module):
     """MSDNet; ``forward(x)`` returns the list of per-exit logits ``[B, classes]``, one per block.
 
-    With ``gradient_rescale`` (IMTA's gradient equilibrium, BoostNet's gradient rescaling), after
-    block n of N the coarsest-scale features feeding head n get their gradient scaled by
-    ``1/(N-n+1)`` and the copy continuing to later blocks by ``(N-n)/(N-n+1)``; forward is unchanged.
+    Two forms of IMTA's Gradient Equilibrium (forward unchanged, backward rescaled), block n of N:
+
+    - ``gradient_rescale`` (the reference codes' form, BoostNet's "gradient rescaling"): only the
+      coarsest-scale features are rescaled, ``1/(N-n+1)`` into head n and ``(N-n)/(N-n+1)`` for the
+      copy continuing to later blocks; the finer scales that also continue are left as they are.
+    - ``gradient_equilibrium`` (the paper's exact form): head n reads through ``1/(N-n+1)`` and
+      *every* scale continuing to block n+1 through ``(N-n)/(N-n+1)``, so each block's gradient is
+      the average of the N-n+1 exit losses that depend on it.
     """
 
-    def __init__(self, cfg: MSDNetConfig, info: DatasetInfo, gradient_rescale: bool = False):
+    def __init__(self, cfg: MSDNetConfig, info: DatasetInfo, gradient_rescale: bool = False, gradient_equilibrium: bool = False):
         super().__init__()
         cfg.validate("msdnet")
+        if gradient_rescale and gradient_equilibrium:
+            raise ValueError("MSDNet: gradient_rescale and gradient_equilibrium are two forms of one thing: choose one")
         self.cfg = cfg
         self.variant = resolve_variant(cfg.variant, info)
         self.gradient_rescale = gradient_rescale
+        self.gradient_equilibrium = gradient_equilibrium
         self.num_classes = info.num_classes
         gr, bn, S = list(cfg.gr_factor), list(cfg.bn_factor), cfg.n_scales
         self.layers_per_block = cfg.layers_per_block
@@ -277,40 +285,52 @@ class MSDNet(nn.Module):
         init_weights(self)
         self.cost_table: costs.CostTable | None = None
 
-    def _run(self, x: torch.Tensor, with_features: bool):
-        logits, feats_out = [], []
+    def forward_heads(self, x: torch.Tensor, head_fn: HeadFn = plain_head) -> list[torch.Tensor]:
+        """The whole network, exit by exit: after block n, ``head_fn(n, heads[n], features)`` gives
+        exit n's logits (a method may put its own classifier on the head's features)."""
+        logits = []
         feats = x
         N = self.num_exits
         for n, (block, head) in enumerate(zip(self.blocks, self.heads), start=1):
+            if self.gradient_equilibrium and n > 1:  # every scale continuing from block n-1
+                feats = [ge_edge(f, N - n + 1, N - n + 2) for f in feats]
             feats = list(block(feats))
             coarse = feats[-1]
+            k = N - n + 1  # exit losses that depend on block n
             if self.gradient_rescale:
-                k = N - n + 1
                 head_in = scale_grad(coarse, 1.0 / k)
                 feats[-1] = scale_grad(coarse, (k - 1) / k)
+            elif self.gradient_equilibrium:
+                head_in = ge_edge(coarse, 1, k)
             else:
                 head_in = coarse
-            run_head(head, head_in, logits, feats_out if with_features else None)
-        return logits, feats_out
+            logits.append(head_fn(n - 1, head, head_in))
+        return logits
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self._run(x, False)[0]
+        return self.forward_heads(x)
+
+    def exit_features(self, state, k: int):
+        """Run only block ``k`` (inference): ``state`` is the image batch for k = 0, else the
+        multi-scale features of the samples still running. Returns (state, head ``k``'s input)."""
+        feats = list(self.blocks[k](state))
+        return feats, feats[-1]
 
     def exit_step(self, state, k: int):
-        """Run only block ``k`` and head ``k`` (inference): ``state`` is the image batch for k = 0,
-        else the multi-scale features of the samples still running. For real early exit."""
-        feats = list(self.blocks[k](state))
-        return feats, self.heads[k](feats[-1])
+        """Block ``k`` and head ``k`` only, for real early exit (see ``dynlab.early_exit``)."""
+        state, head_in = self.exit_features(state, k)
+        return state, self.heads[k](head_in)
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-exit logits and the pooled head features each exit's Linear reads."""
-        return self._run(x, True)
+        feats: list[torch.Tensor] = []
+        return self.forward_heads(x, keep_features(feats)), feats
 
 
-@register_backbone("msdnet", MSDNetConfig, description="MSDNet (multi-scale dense network), one exit per block", method_options=("gradient_rescale",))
-def build_msdnet(cfg: MSDNetConfig, info: DatasetInfo, gradient_rescale: bool = False) -> MSDNet:
+@register_backbone("msdnet", MSDNetConfig, description="MSDNet (multi-scale dense network), one exit per block", method_options=("gradient_rescale", "gradient_equilibrium"))
+def build_msdnet(cfg: MSDNetConfig, info: DatasetInfo, gradient_rescale: bool = False, gradient_equilibrium: bool = False) -> MSDNet:
     """MSDNet (multi-scale dense network), one exit per block; costs measured into ``cost_table``."""
-    return with_exit_costs(MSDNet(cfg, info, gradient_rescale=gradient_rescale), info)
+    return with_exit_costs(MSDNet(cfg, info, gradient_rescale=gradient_rescale, gradient_equilibrium=gradient_equilibrium), info)
 
 
 # ---- presets (REFERENCE.md "Presets") -------------------------------------------------------------

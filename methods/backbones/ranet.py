@@ -28,9 +28,13 @@ Differences from the reference code (yangle15/RANet-pytorch), on purpose:
 - every module is initialised like MSDNet (the reference leaves the first layer at PyTorch's default);
 - ``bottleneck=false`` drops the 1x1 bottleneck (the reference always uses it).
 
-Gradient rescaling (BoostNet / IMTA gradient equilibrium) is not implemented: the reference applies
-it only to MSDNet and BoostNet's RANet experiments train plain RANet. RANet declares no method
-options, so the config layer turns ``gradient_rescale`` off on it (and refuses it when set), and
+Gradient Equilibrium: the paper's exact form (``gradient_equilibrium``) is implemented. Block (i, k)
+is depended on by every exit at or after it in exit order (later blocks of its stream, and every
+later stream, which fuses all of its blocks); with ``n`` that count, every edge from a part with
+``n_from`` dependants into one with ``n_to`` is scaled by ``n_to/n_from`` (a head: ``1/n``), so each
+block's gradient is the average of the losses that depend on it. The reference code has no GE on
+RANet. The reference-code form (``gradient_rescale``, coarsest MSDNet scale only) has no meaning
+here: RANet does not declare it, so the config layer turns it off (and refuses it when set), and
 ``method=boostnet backbone=ranet`` reproduces the reference.
 """
 
@@ -47,7 +51,7 @@ from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.common import ConvBNReLU, conv_out, init_weights, run_head, with_exit_costs
+from methods.backbones.common import ConvBNReLU, HeadFn, conv_out, ge_edge, init_weights, keep_features, plain_head, with_exit_costs
 from methods.backbones.msdnet import ConvUnit, ExitHead, resolve_variant
 
 
@@ -324,10 +328,11 @@ class RANet(nn.Module):
     (lowest-resolution stream first). The streams run one after another, so the cumulative cost of
     exit k (measured by hooks) covers the first layer, every block and every head run before it."""
 
-    def __init__(self, cfg: RANetConfig, info: DatasetInfo):
+    def __init__(self, cfg: RANetConfig, info: DatasetInfo, gradient_equilibrium: bool = False):
         super().__init__()
         cfg.validate("ranet")
         self.cfg = cfg
+        self.gradient_equilibrium = gradient_equilibrium
         self.variant = resolve_variant(cfg.variant, info)
         self.num_classes = info.num_classes
         self.plan = plan_streams(cfg)
@@ -366,32 +371,49 @@ class RANet(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.num_exits = len(heads)
         assert self.num_exits == cfg.num_exits
+        self.dependants = exit_dependants(self.plan, self.exit_blocks)
         init_weights(self)
         self.cost_table: costs.CostTable | None = None
 
-    def _run(self, x: torch.Tensor, with_features: bool):
-        logits, feats_out = [], []
+    def forward_heads(self, x: torch.Tensor, head_fn: HeadFn = plain_head) -> list[torch.Tensor]:
+        """The whole network, exit by exit: ``head_fn(e, heads[e], features)`` gives exit e's logits
+        (a method may put its own classifier on the head's features). With gradient equilibrium
+        every input of block (i, k) and every head input pass through :func:`ge_edge`."""
+        ge = self.gradient_equilibrium
+        E = self.num_exits  # every exit depends on the first layer
+        logits = []
         inputs = self.first(x)
         low: list[list[torch.Tensor]] = []
         h = 0
         for i, blocks in enumerate(self.streams):
-            z = inputs[i]
+            z, z_n = inputs[i], E
             dense_i = []
             for k, block in enumerate(blocks):
-                z, dense = block(z, low[k]) if block.fusion else block(z)
-                dense_i.append(dense)
+                n = self.dependants[i][k]
+                if ge:  # the block's inputs: its own stream, and (fusion) the lower stream's block k
+                    z = ge_edge(z, n, z_n)
+                    lows = [ge_edge(t, n, self.dependants[i - 1][k]) for t in low[k]] if block.fusion else None
+                else:
+                    lows = low[k] if block.fusion else None
+                z, dense = block(z, lows) if block.fusion else block(z)
+                z_n = n
+                dense_i.append(dense)  # every tensor in it is made (or, dense[0], rescaled) at level n
                 if block.plan.exit:
-                    head = self.heads[h]
+                    logits.append(head_fn(h, self.heads[h], ge_edge(z, 1, n) if ge else z))
                     h += 1
-                    run_head(head, z, logits, feats_out if with_features else None)
             low = dense_i
-        return logits, feats_out
+        return logits
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self._run(x, False)[0]
+        return self.forward_heads(x)
 
     def exit_step(self, state, e: int):
-        """Run only what exit ``e`` needs beyond exit ``e-1`` (inference, for real early exit).
+        """What exit ``e`` needs beyond exit ``e-1``, then head ``e`` (real early exit)."""
+        state, head_in = self.exit_features(state, e)
+        return state, self.heads[e](head_in)
+
+    def exit_features(self, state, e: int):
+        """Run only what exit ``e`` needs beyond exit ``e-1`` (inference), up to head ``e``'s input.
         ``state`` is the image batch for e = 0, else ``(stream inputs, dense features of the
         previous stream, dense features of this stream so far, current features)``."""
         if e == 0:
@@ -409,19 +431,28 @@ class RANet(nn.Module):
             z, dense = block(inputs[i] if z is None else z, low[k]) if block.fusion else block(inputs[i] if z is None else z)
             dense_i.append(dense)
             if (i, k) == target:
-                return (inputs, low, dense_i, z), self.heads[e](z)
+                return (inputs, low, dense_i, z), z
             k += 1
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-exit logits and the pooled head features each exit's Linear reads."""
-        return self._run(x, True)
+        feats: list[torch.Tensor] = []
+        return self.forward_heads(x, keep_features(feats)), feats
 
 
-@register_backbone("ranet", RANetConfig, description="RANet (resolution adaptive network), exits on every stream, lowest resolution first")
-def build_ranet(cfg: RANetConfig, info: DatasetInfo) -> RANet:
-    """RANet (resolution adaptive network); costs measured into ``cost_table``. No method options
-    (gradient rescaling is MSDNet-only): see the module doc."""
-    return with_exit_costs(RANet(cfg, info), info)
+def exit_dependants(plan: list[list[BlockPlan]], exit_blocks: list[tuple[int, int]]) -> list[list[int]]:
+    """For every block (i, k): how many exits depend on it, i.e. the exits at or after (i, k) in
+    exit order (stream first, then block): later blocks of stream i, and all of every later stream."""
+    return [[sum(1 for eb in exit_blocks if eb >= (b.stream, b.index)) for b in stream] for stream in plan]
+
+
+@register_backbone(
+    "ranet", RANetConfig, description="RANet (resolution adaptive network), exits on every stream, lowest resolution first", method_options=("gradient_equilibrium",)
+)
+def build_ranet(cfg: RANetConfig, info: DatasetInfo, gradient_equilibrium: bool = False) -> RANet:
+    """RANet (resolution adaptive network); costs measured into ``cost_table``. Implements the
+    paper's gradient equilibrium, not the reference's MSDNet-only rescaling: see the module doc."""
+    return with_exit_costs(RANet(cfg, info, gradient_equilibrium=gradient_equilibrium), info)
 
 
 # ---- presets (REFERENCE.md "Presets") -------------------------------------------------------------

@@ -68,7 +68,7 @@ class MethodEntry:
 
 
 # Method options that act on the backbone -> their "off" value (what a backbone without them trains).
-METHOD_OPTIONS: dict[str, Any] = {"gradient_rescale": False}
+METHOD_OPTIONS: dict[str, Any] = {"gradient_rescale": False, "gradient_equilibrium": False}
 
 
 @dataclass
