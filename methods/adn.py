@@ -128,4 +128,30 @@ class ADN:
         return SubnetPredictions(logits, costs, names)
 
 
-__all__ = ["ADN", "ADNConfig", "adn_resnet", "logit_kd", "feature_kd", "kd_rows"]
+@torch.no_grad()
+def subnet_latency(model: nn.Module, names: list[str], batch: int = 1, repeats: int = 5, warmup: int = 1):
+    """Measured wall time per sub-network on a zero batch of the model's input size, beside its
+    MACs (dynlab.subnets.latency: median of interleaved rounds). Columns: name, latency_s, min_s, macs."""
+    from dynlab import subnets as sub
+
+    net = _net(model)
+    was_training = net.training
+    net.eval()
+    p = next(net.parameters())
+    x = torch.zeros((batch, *net.input_shape[1:]), device=p.device, dtype=p.dtype)
+    sync = torch.cuda.synchronize if p.is_cuda else (lambda: None)
+
+    def run(name):
+        net(x, skip=name)
+        sync()  # GPU work is asynchronous: time it to completion
+
+    try:
+        frame = sub.latency(run, names, repeats=repeats, warmup=warmup)
+    finally:
+        net.train(was_training)
+    table = net.cost_table
+    frame["macs"] = [table.macs[table.names.index(n)] for n in names]
+    return frame
+
+
+__all__ = ["subnet_latency", "ADN", "ADNConfig", "adn_resnet", "logit_kd", "feature_kd", "kd_rows"]

@@ -241,3 +241,14 @@ def test_resnet50_super_and_base_net_costs_match_the_paper_within_2_percent():
     for name, paper in (("FFFF", 4.11e9), ("TTTT", 2.58e9)):
         macs, _ = model.subnet_cost(name)
         assert abs(macs - paper) / paper < 0.02, (name, macs)
+
+
+def test_latency_is_measured_for_every_requested_sub_network_beside_its_cost():
+    from methods.adn import subnet_latency
+
+    model = tiny()
+    model.train()
+    out = subnet_latency(model, ["TTTT", "FFFF"], batch=2, repeats=2)
+    assert out["name"].tolist() == ["TTTT", "FFFF"] and (out["latency_s"] > 0).all()
+    assert out["macs"].tolist() == [model.subnet_cost("TTTT")[0], model.subnet_cost("FFFF")[0]]
+    assert model.training  # mode restored
