@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynlab.config import bounded
+from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.predictions import SubnetPredictions
 from dynlab.registry import DatasetInfo, get_backbone, register_method
@@ -39,6 +39,7 @@ class ADNConfig:
     logit_weight: float = bounded(0.5, 0.0, help="weight of logit KD inside the distillation term (reference: 0.5)")
     feature_weight: float = bounded(0.5, 0.0, help="weight of stage-feature KD (paper Eq. 2; reference: 0.5)")
     topk: int = bounded(0, 0, help="logit KD over the teacher's top-k classes only; 0 = all classes")
+    individual: str = choice("", "", "super", "base", help="baselines: train only the super-net or only the base-net, with CE; empty = ADN training")
     subnets: list[str] = field(default_factory=list, metadata={"help": "sub-networks to evaluate, e.g. [TTTT,FFFF]; empty = all 2^stages"})
 
 
@@ -84,6 +85,8 @@ class ADN:
 
     def subnets(self, model: nn.Module) -> list[str]:
         every = subnet_names(_net(model).num_stages)
+        if self.mcfg.individual:  # an individually trained network is evaluated as itself only
+            return [every[-1] if self.mcfg.individual == "super" else every[0]]
         chosen = list(self.mcfg.subnets) or every
         bad = [n for n in chosen if n not in every]
         if bad or len(set(chosen)) != len(chosen):
@@ -93,6 +96,8 @@ class ADN:
     def train_step(self, model, batch, backward):
         images, targets = batch
         stages = _net(model).num_stages
+        if self.mcfg.individual:
+            return self.individual_step(model, images, targets, skip=[self.mcfg.individual == "base"] * stages, backward=backward)
         logits, feats = model(images, skip=[False] * stages, return_features=True)
         loss_super = F.cross_entropy(logits.float(), targets)
         backward(loss_super)
@@ -108,6 +113,12 @@ class ADN:
             "acc_super": (logits.argmax(1) == targets).float().mean().detach() * 100,
             "acc_base": (base.argmax(1) == targets).float().mean().detach() * 100,
         }
+
+    def individual_step(self, model, images, targets, skip, backward):
+        logits = model(images, skip=skip)
+        loss = F.cross_entropy(logits.float(), targets)
+        backward(loss)
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == targets).float().mean().detach() * 100}
 
     def base_loss(self, logits, feats, teacher_logits, teacher_feats, targets) -> torch.Tensor:
         c = self.mcfg

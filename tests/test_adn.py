@@ -252,3 +252,16 @@ def test_latency_is_measured_for_every_requested_sub_network_beside_its_cost():
     assert out["name"].tolist() == ["TTTT", "FFFF"] and (out["latency_s"] > 0).all()
     assert out["macs"].tolist() == [model.subnet_cost("TTTT")[0], model.subnet_cost("FFFF")[0]]
     assert model.training  # mode restored
+
+
+@pytest.mark.parametrize("which,name", [("super", "FFFF"), ("base", "TTTT")])
+def test_individual_baselines_train_one_network_with_cross_entropy(which, name):
+    method = get_method("adn").cls(adn_cfg(f"adn.individual={which}"))
+    model = method.build_model(config_info())
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    model.train()
+    _, losses, grads = run_step(method, model, x, y)
+    assert len(losses) == 1 and losses[0].item() == pytest.approx(F.cross_entropy(model(x, skip=name), y).item(), rel=1e-5)
+    assert any(n.startswith("layer1.1.") for n in grads[0]) == (which == "super")  # the skippable half trains only in the super-net
+    preds = method.predict(model.eval(), x)
+    assert preds.names == [name]

@@ -99,6 +99,9 @@ class ADNResNet(nn.Module):
         self.mandatory = [mandatory_count(n) for n in layers]
         self.skip_aware_norms = skip_aware_norms
         self.input_shape = (1, in_channels, image_size, image_size)
+        # each training pass leaves parameters unused (super-net: the skip-aware norms; base-net: the
+        # skippable halves), so DDP must look for them (REFERENCE.md section 6)
+        self.ddp_find_unused_parameters = True
         self._init_weights()
         if skip_aware_norms:  # copies of the mandatory blocks' norms: same init, separate statistics
             for stage, m in zip(self.stages, self.mandatory):
