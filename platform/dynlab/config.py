@@ -52,6 +52,7 @@ class RunConfig:
     grad_clip: float = bounded(0.0, 0.0, help="max gradient norm; 0 disables")
     storage_path: str = field(default="", metadata={"hash": False, "help": "Ray Train storage; default ./dynlab_runs"})
     predict_batches: int = bounded(0, 0, help="limit batches when predicting (0 = all); for smoke tests")
+    init_from: str = field(default="", metadata={"help": "start from these weights (a .pt file, or a folder holding best.pt) before epoch 0; a resumed run ignores it"})
     wait_for_resources: bool = field(default=False, metadata={"hash": False, "help": "wait for workers the cluster does not have yet (autoscaling); default: fail at once"})
     kill_after_epoch: int = field(default=-1, metadata={"hash": False, "min": -1, "help": "fault injection for tests"})
 
@@ -383,6 +384,8 @@ def resolve(overrides: dict[str, Any] | list[str] | None = None, yaml_path: str 
     cfg = Config(method=method, backbone=backbone, preset=preset_name)
     for name, cls in FIXED_SECTIONS.items():
         setattr(cfg, name, build_section(name, cls, sections[name]))
+    if cfg.run.init_from and "://" not in cfg.run.init_from:  # Ray workers run in folders of their own
+        cfg.run.init_from = str(Path(cfg.run.init_from).expanduser().absolute())
     cfg.method_cfg = build_section(method, m_entry.config_cls, sections[method])
     _settle_backbone_options(cfg, sections[method])
     cfg.backbone_cfg = build_section(backbone, b_entry.config_cls, sections[backbone])

@@ -5,7 +5,8 @@ method must not: devices, DDP, the distributed sampler, optimiser and schedule, 
 checkpoints, progress and logging (rank 0 only). The method supplies ``build_model``,
 ``train_step(model, batch, backward)`` and ``predict``.
 
-Checkpoints (one per epoch, rank 0) hold ``state.pt`` (model, optimiser, schedule, scaler, epoch,
+``run.init_from`` (IMTA's phase II: a phase-I checkpoint) is loaded before epoch 0 unless the run
+resumes. Checkpoints (one per epoch, rank 0) hold ``state.pt`` (model, optimiser, schedule, scaler, epoch,
 best score) and ``best.pt`` (weights of the epoch with the best held-out score). A run restarted
 under the same ``run.name`` resumes from the latest one. Model selection uses the held-out split
 only, never the test set.
@@ -179,6 +180,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     resumed = find_checkpoint(payload)
     if resumed is not None:
         resume(loop, *resumed)
+    elif loop.cfg.run.init_from:
+        init_from(loop)
     sampler, loader, heldout_shard = make_loaders(loop)
     for epoch in range(loop.start_epoch, loop.cfg.run.epochs):
         t0, lr = time.time(), loop.optimizer.param_groups[0]["lr"]
@@ -282,6 +285,30 @@ def resume(loop: Loop, state: dict, best_state: dict) -> None:
         loop.logged_epochs = _best_effort(_logged_epochs, loop.tracker) or set()
         for metrics in loop.history:
             log_epoch(loop, metrics)
+
+
+def read_weights(source: str) -> dict:
+    """Weights to start from: a .pt file, or a folder holding best.pt; a full state.pt gives its model."""
+    path = Path(source)
+    state = torch.load(path / BEST_FILE if path.is_dir() else path, map_location="cpu", weights_only=True)
+    return state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+
+
+def init_from(loop: Loop) -> None:
+    """``run.init_from`` into the model before epoch 0 (a resumed run has its own weights): through
+    the method's ``load_init(model, state, source)`` when it has one (IMTA's phase II maps phase I's
+    weights and leaves its new parts as built), else a strict load."""
+    source = loop.cfg.run.init_from
+    state = read_weights(source)
+    hook = getattr(loop.method, "load_init", None)
+    if hook is not None:
+        hook(unwrap(loop.model), state, source)
+    else:
+        unwrap(loop.model).load_state_dict(state)
+    if loop.rank == 0:
+        _progress(f"initialised from {source}")
+        if loop.tracker:
+            _best_effort(loop.tracker.set_tags, {"dynlab.init_from": source})
 
 
 def _logged_epochs(tracker) -> set[int]:

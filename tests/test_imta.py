@@ -1,0 +1,206 @@
+"""IMTA: ISC (gradient path, costs), OFA (loss, teacher), phase II (init, freezing), bad input.
+Expected values are derived by hand or computed from the formulas, never by the method's own code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import methods  # noqa: F401  (registers backbones and methods)
+from dynlab import config, registry, steps, training
+from dynlab.data import static_info
+from dynlab.errors import ConfigError
+from methods.imta import ofa_loss
+
+DIGITS = static_info("digits")  # 10 classes, 32x32: MSDNet's CIFAR heads, 128-wide pooled features
+C, W = 10, 128
+
+
+def build(*args: str, info=DIGITS):
+    cfg = config.cli_config(["method=imta", *args])
+    method = registry.get_method("imta").cls(cfg)
+    return cfg, method, method.build_model(info)
+
+
+@pytest.fixture
+def phase1(tmp_path):
+    """A phase-I network (default tiny MSDNet, 4 exits) saved as best.pt in a checkpoint folder."""
+    torch.manual_seed(0)
+    _, _, model = build()
+    with torch.no_grad():  # weights that are not the defaults, so that loading is visible
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    folder = tmp_path / "phase1"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "best.pt")
+    return folder, model
+
+
+def phase2(folder, *args):
+    cfg, method, model = build("imta.phase=2", f"run.init_from={folder}", *args)
+    method.load_init(model, training.read_weights(str(folder)), str(folder))
+    return cfg, method, model
+
+
+# ---- ISC ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_isc_detach_stops_the_gradient_into_the_earlier_exit(phase1, detach):
+    _, _, model = phase2(phase1[0], "imta.isc=true", f"imta.isc_detach={detach}", "imta.freeze=none")
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x)[1], y).backward()  # exit 1's loss only
+    g = model.classifiers[0].weight.grad  # exit 0's classifier reaches exit 1 only through ISC
+    if detach:
+        assert g is None or not g.any()
+    else:
+        assert g is not None and g.abs().sum() > 0
+    assert model.isc[0][0].weight.grad.abs().sum() > 0  # the ISC module itself learns either way
+
+
+def test_exit_costs_include_isc(phase1):
+    _, _, base = build()  # phase I: the same backbone, its own heads
+    _, _, plain2 = phase2(phase1[0])  # phase II without ISC: new classifiers of the old Linear's size
+    _, _, isc2 = phase2(phase1[0], "imta.isc=true")
+    assert plain2.cost_table.macs == base.cost_table.macs and plain2.cost_table.params == base.cost_table.params
+    # per ISC module (exits 1..3): Linear(C -> W) = C*W + W, ReLU = W ops (BN not counted), and the
+    # classifier reading 2W instead of W inputs: W*C more weights
+    per_isc_macs = (C * W + W) + W + W * C
+    per_isc_params = (C * W + W) + 2 * W + W * C  # Linear, BN1d weight and bias, wider classifier
+    for k in range(4):
+        assert isc2.cost_table.macs[k] - base.cost_table.macs[k] == k * per_isc_macs
+        assert isc2.cost_table.params[k] - base.cost_table.params[k] == k * per_isc_params
+
+
+# ---- OFA ----------------------------------------------------------------------------------------
+
+
+def _direct_ofa(z, y, alpha, T, per_class: bool):
+    """The formula written out: softmaxes by exp/sum, KL summed over classes, CE as -log p[y]."""
+    t = torch.exp(z[-1].detach() / T)
+    t = t / t.sum(1, keepdim=True)
+    total = 0.0
+    for i, zi in enumerate(z):
+        p = torch.exp(zi) / torch.exp(zi).sum(1, keepdim=True)
+        ce = -torch.log(p[torch.arange(len(y)), y]).mean()
+        if i == len(z) - 1:
+            total = total + ce
+            continue
+        q = torch.exp(zi / T) / torch.exp(zi / T).sum(1, keepdim=True)
+        kl = (t * (torch.log(t) - torch.log(q))).sum(1).mean()
+        if per_class:
+            kl = kl / zi.shape[1]  # element-wise mean over batch and classes
+        total = total + alpha * ce + (1 - alpha) * T * T * kl
+    return total
+
+
+@pytest.mark.parametrize("alpha, T, reduction", [(0.9, 1.0, "batchmean"), (0.1, 3.0, "batchmean"), (0.3, 2.0, "mean")])
+def test_ofa_loss_equals_direct_computation(alpha, T, reduction):
+    torch.manual_seed(0)
+    z = [torch.randn(5, 7, dtype=torch.float64) * 2 for _ in range(3)]
+    y = torch.tensor([0, 3, 6, 2, 2])
+    loss, metrics = ofa_loss([t.float() for t in z], y, torch.ones(3), alpha, T, reduction)
+    assert loss.item() == pytest.approx(_direct_ofa(z, y, alpha, T, reduction == "mean").item(), rel=1e-5)
+    assert set(metrics) >= {"loss", "kd_exit0", "kd_exit1", "loss_exit2", "acc_exit2"}
+
+
+def test_ofa_teacher_gets_no_gradient_from_the_kd_terms():
+    torch.manual_seed(0)
+    z = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
+    y = torch.tensor([1, 0, 4, 2])
+    ofa_loss(z, y, torch.ones(3), alpha=0.0, T=2.0)[0].backward()  # early exits: KD only
+    teacher = z[-1].detach().requires_grad_(True)
+    torch.nn.functional.cross_entropy(teacher, y).backward()
+    assert torch.allclose(z[-1].grad, teacher.grad)  # exactly its own CE's gradient
+    assert z[0].grad.abs().sum() > 0  # the students do learn from it
+
+
+# ---- phase II ------------------------------------------------------------------------------------
+
+
+def _one_sgd_step(cfg, method, model):
+    opt = training.build_optimizer(model, cfg)
+    model.train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt.zero_grad()
+    method.train_step(model, (x, y), lambda loss: loss.backward())
+    opt.step()
+
+
+@pytest.mark.parametrize("freeze", ["phase1", "none"])
+def test_phase2_changes_exactly_the_trainable_parameters(phase1, freeze):
+    folder, p1 = phase1
+    cfg, method, model = phase2(folder, "imta.isc=true", "imta.ofa=true", f"imta.freeze={freeze}")
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in p1.state_dict().items():  # phase I's weights are in
+        assert torch.equal(loaded[k], v)
+    _one_sgd_step(cfg, method, model)
+    after = model.state_dict()
+    changed = {k for k in loaded if not torch.equal(loaded[k], after[k])}
+    params = {k for k, _ in model.named_parameters()}
+    new = {k for k in params if k.startswith(("classifiers.", "isc."))}
+    old_linear = {k for k in params if ".linear." in k}  # phase I's Linear layers: not run in phase II
+    assert new and new <= changed
+    if freeze == "phase1":  # the whole phase-I network, its BatchNorm statistics included
+        assert all(k.startswith(("classifiers.", "isc.")) for k in changed)
+    else:
+        assert (params - old_linear) <= changed and not (old_linear & changed)
+
+
+def test_classifier_init_phase1_starts_at_phase_one_predictions(phase1):
+    folder, p1 = phase1
+    _, _, model = phase2(folder, "imta.isc=true", "imta.classifier_init=phase1")
+    p1.eval(), model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(p1(x), model(x)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_phase2_real_early_exit_matches_forward(phase1):
+    from dynlab.early_exit import early_exit
+
+    _, method, model = phase2(phase1[0], "imta.isc=true")
+    model.eval()
+    x = torch.randn(6, 3, 32, 32)
+    preds = method.predict(model, x)
+    res = early_exit(model, x, torch.zeros(4, dtype=torch.float64))  # threshold 0: all leave at exit 0
+    assert torch.equal(res.pred, preds.logits[0].argmax(1))
+    res = early_exit(model, x, torch.full((4,), 2.0, dtype=torch.float64))  # nobody confident: last exit
+    assert torch.equal(res.pred, preds.logits[-1].argmax(1)) and torch.equal(res.exit, torch.full((6,), 3))
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, key, fragment",
+    [
+        (["imta.alpha=1.5"], "imta.alpha", "<= 1.0"),
+        (["imta.alpha=-0.1"], "imta.alpha", ">= 0.0"),
+        (["imta.temperature=0"], "imta.temperature", "> 0"),
+        (["imta.temperature=-1"], "imta.temperature", ">= 0.0"),
+        (["imta.isc=true"], "imta.isc", "phase=2"),
+    ],
+)
+def test_bad_distillation_settings_fail_in_the_config(args, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.cli_config(["method=imta", *args])
+    assert info.value.key == key and fragment in str(info.value)
+
+
+def test_phase2_inputs_are_checked_by_the_preflight_model_build(phase1, tmp_path):
+    cfg = config.cli_config(["method=imta", "imta.phase=2"])
+    with pytest.raises(ConfigError, match=r"'run.init_from' = '' .*phase-I checkpoint"):
+        steps.check_model(cfg, DIGITS)
+    cfg = config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={tmp_path / 'nothing'}"])
+    with pytest.raises(ConfigError, match=r"run.init_from.*best.pt"):
+        steps.check_model(cfg, DIGITS)
+    other = config.cli_config(["method=imta", "imta.phase=2", "msdnet.n_blocks=3", f"run.init_from={phase1[0]}"])
+    with pytest.raises(ConfigError, match=r"run.init_from.*checkpoint of this msdnet \(\d+ tensor\(s\) differ"):
+        steps.check_model(other, DIGITS)
+    steps.check_model(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={phase1[0]}"]), DIGITS)  # fine
+    assert math.isclose(config.cli_config(["method=imta"]).method_cfg.alpha, 0.9)
