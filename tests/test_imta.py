@@ -204,3 +204,18 @@ def test_phase2_inputs_are_checked_by_the_preflight_model_build(phase1, tmp_path
         steps.check_model(other, DIGITS)
     steps.check_model(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={phase1[0]}"]), DIGITS)  # fine
     assert math.isclose(config.cli_config(["method=imta"]).method_cfg.alpha, 0.9)
+
+
+def test_phase2_from_a_joint_checkpoint_and_on_ranet(tmp_path):
+    """A bare backbone's checkpoint (method=joint) is phase I without GE: its keys map under backbone."""
+    torch.manual_seed(0)
+    joint_cfg = config.cli_config(["method=joint", "backbone=ranet"])
+    joint = registry.get_method("joint").cls(joint_cfg).build_model(DIGITS)
+    torch.save(joint.state_dict(), tmp_path / "joint.pt")
+    _, method, model = build("backbone=ranet", "imta.phase=2", "imta.isc=true", f"run.init_from={tmp_path / 'joint.pt'}")
+    method.load_init(model, training.read_weights(str(tmp_path / "joint.pt")), "joint.pt")
+    for k, v in joint.state_dict().items():
+        assert torch.equal(model.state_dict()[f"backbone.{k}"], v)
+    # RANet's exits: same per-ISC cost as MSDNet's (128-wide CIFAR heads)
+    per_isc = (C * W + W) + W + W * C
+    assert [b - a for a, b in zip(joint.cost_table.macs, model.cost_table.macs)] == [k * per_isc for k in range(4)]
