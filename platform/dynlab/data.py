@@ -678,3 +678,109 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     info = DatasetInfo("synthetic", k, size)
     # No augmentation: train and held-out share one (stateless) dataset.
     return _assemble("synthetic", train, train, test, seed, cfg.heldout, info, [f"class_{i}" for i in range(k)])
+
+
+# --------------------------------------------------------------------------------------------------
+# class -> category mappings (DMNN's category supervision of its controllers)
+
+# Built-in groupings for datasets whose classes have no official coarse labels (index = class).
+# digits: closed loops (0 6 8 9), straight strokes (1 4 7), open curves (2 3 5).
+# CIFAR-10: air/sea vehicles (airplane, ship), road vehicles (automobile, truck),
+# four-legged mammals (cat, deer, dog, horse), other animals (bird, frog).
+BUILTIN_CATEGORIES = {
+    "digits": [0, 1, 2, 2, 1, 2, 0, 1, 0, 0],
+    "cifar10": [0, 1, 3, 2, 2, 2, 3, 2, 0, 1],
+}
+
+
+def check_categories(mapping: list[int], num_classes: int, key: str, value) -> list[int]:
+    """A class -> category list: one entry per class, categories contiguous from 0."""
+    if len(mapping) != num_classes:
+        raise ConfigError(key, value, f"a category for each of the {num_classes} classes, got {len(mapping)}")
+    used = sorted(set(mapping))
+    if used != list(range(len(used))):
+        gaps = sorted(set(range(max(used) + 1)) - set(used)) if used and min(used) >= 0 else []
+        raise ConfigError(key, value, f"contiguous categories 0..K-1 (found {used[:10]}{' ...' if len(used) > 10 else ''}" + (f"; missing {gaps[:10]})" if gaps else ")"))
+    return list(mapping)
+
+
+def _category_pairs(path: Path, key: str) -> list[tuple[str, object]]:
+    """(class, category) pairs of a CSV (``class,category`` rows, optional header) or JSON file
+    (an object ``{"class": category}`` or a list of categories indexed by class)."""
+    import csv
+    import json
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(key, str(path), f"a readable CSV or JSON mapping file ({err})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(key, str(path), f"valid JSON ({err})") from None
+        if isinstance(data, list):
+            return [(str(i), c) for i, c in enumerate(data)]
+        if isinstance(data, dict):
+            return [(str(k), v) for k, v in data.items()]
+        raise ConfigError(key, str(path), "a JSON object {class: category} or a list of categories")
+    if path.suffix.lower() != ".csv":
+        raise ConfigError(key, str(path), "a .csv or .json mapping file")
+    rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    if rows and not rows[0][-1].strip().lstrip("-").isdigit():
+        rows = rows[1:]  # a header row
+    if any(len(r) != 2 for r in rows):
+        bad = next(r for r in rows if len(r) != 2)
+        raise ConfigError(key, str(path), f"CSV rows 'class,category' (two columns), got {bad}")
+    return [(r[0].strip(), r[1].strip()) for r in rows]
+
+
+def load_categories(path: str | os.PathLike, num_classes: int, classes: list[str] | None = None, key: str = "categories") -> list[int]:
+    """Class -> category list from a mapping file, validated: every class (index or name) mapped
+    exactly once, integer categories contiguous from 0. Errors are ConfigErrors naming ``key``."""
+    p = _abs(path)
+    if not p.is_file():
+        raise ConfigError(key, str(path), "an existing .csv or .json class -> category mapping file")
+    names = {n: i for i, n in enumerate(classes or [])}
+    out: dict[int, int] = {}
+    for cls, cat in _category_pairs(p, key):
+        idx = names.get(cls, int(cls) if cls.lstrip("-").isdigit() else None)
+        if idx is None or not 0 <= idx < num_classes:
+            raise ConfigError(key, str(path), f"classes given as indices 0..{num_classes - 1}" + (" or class names" if names else "") + f"; '{cls}' is neither")
+        if idx in out:
+            raise ConfigError(key, str(path), f"each class mapped once; class {cls} appears twice")
+        try:
+            out[idx] = int(str(cat))
+        except ValueError:
+            raise ConfigError(key, str(path), f"integer categories; class {cls} has {cat!r}") from None
+    missing = [i for i in range(num_classes) if i not in out]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ConfigError(key, str(path), f"a category for every one of the {num_classes} classes; class(es) {shown} missing")
+    return check_categories([out[i] for i in range(num_classes)], num_classes, key, str(path))
+
+
+def cifar100_categories(cfg: DataConfig) -> list[int]:
+    """CIFAR-100 fine class -> superclass, read from the training file's fine and coarse labels."""
+    _, folder, _ = _cifar_location(cfg)
+    with open(folder / "train", "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    mapping: dict[int, int] = {}
+    for fine, coarse in zip(entry["fine_labels"], entry["coarse_labels"]):
+        mapping.setdefault(int(fine), int(coarse))
+    return check_categories([mapping[i] for i in range(100)], 100, "data.root", cfg.root)
+
+
+def class_categories(spec: str, cfg: DataConfig, num_classes: int, key: str = "categories") -> list[int] | None:
+    """The class -> category list that ``spec`` names: ``none`` (no categories: None), ``auto``
+    (CIFAR-100 superclasses, the built-in digits / CIFAR-10 groupings, else None) or a mapping
+    file path (see :func:`load_categories`; imagefolder class names may be used as keys)."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if cfg.name == "cifar100":
+            return cifar100_categories(cfg)
+        builtin = BUILTIN_CATEGORIES.get(cfg.name)
+        return list(builtin) if builtin and len(builtin) == num_classes else None
+    classes = _inspect_imagefolder(cfg)[0] if cfg.name == "imagefolder" else None
+    return load_categories(spec, num_classes, classes, key)

@@ -1,0 +1,54 @@
+"""DMNN around the platform: the sweep's trials, the cost listing, the benchmark (no Ray here)."""
+
+import pytest
+
+from benchmarks import gated
+from dynlab import config
+from dynlab.errors import ConfigError
+from pipelines import costs as costs_pipeline
+from pipelines import sweep_dmnn_flops as sweep
+
+
+def test_sweep_trials_cover_targets_lambdas_and_the_dense_baseline():
+    args, lambdas = sweep.with_defaults(["epochs=1", "lambdas=[0.5,2]"])
+    assert args[:2] == ["method=dmnn", "preset=dmnn-resnet-small"] and lambdas == [0.5, 2.0]
+    base = config.cli_config(args)
+    trials = sweep.make_trials(lambdas)(base)
+    assert [t.label for t in trials] == [
+        f"target_rate={t}, resource_weight={w}" for t in (0.3, 0.5, 0.7) for w in (0.5, 2.0)
+    ] + ["gated=False, subblocks=1"]
+    dense = trials[-1].cfg()
+    assert (dense.backbone_cfg.gated, dense.backbone_cfg.subblocks) == (False, 1)
+    assert len({t.train_key for t in trials}) == len(trials)
+    only_targets = sweep.make_trials(None)(base.with_overrides(["sweep.values=[0.2,0.9]", "sweep.baseline=false"]))
+    assert [t.label for t in only_targets] == ["target_rate=0.2", "target_rate=0.9"]
+    with pytest.raises(ConfigError, match="lambdas"):
+        sweep.with_defaults(["lambdas=[1,-2]"])
+    assert sweep.with_defaults(["backbone=dmnn_resnet"])[0][0] == "method=dmnn"  # no preset forced on a backbone
+
+
+def test_costs_pipeline_lists_fixed_part_subblocks_controllers_and_dense_total(capsys):
+    assert costs_pipeline.main(["preset=dmnn-resnet50", "--json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in rep["exits"]]
+    assert names[0] == "fixed" and names[-1] == "dense total"
+    assert sum(n.endswith(".controller") for n in names) == 16  # 3+4+6+3 blocks
+    assert sum(".sub" in n for n in names) == 64  # N = 4
+    macs = {r["name"]: r["macs"] for r in rep["exits"]}
+    assert macs["dense total"] == pytest.approx(macs["fixed"] + sum(m for n, m in macs.items() if ".sub" in n))
+    controllers = sum(m for n, m in macs.items() if n.endswith(".controller"))
+    # the paper: 16 controllers ~ 0.02% of ImageNet ResNet-50; here at 32x32, with their global
+    # average pooling counted (C*H*W ops each), 2.28 M of 1.35 G MACs = 0.17%
+    assert controllers / macs["dense total"] < 0.005
+    # CIFAR ResNet-50 (3x3 stem, no max-pool) at 32x32 is about 1.3 GMACs; the split keeps it close
+    assert 1.1e9 < macs["dense total"] < 1.5e9
+
+
+def test_gated_benchmark_reports_macs_and_time_ratios(capsys):
+    rows = gated.main(["--preset", "dmnn-resnet-small", "--batch", "16", "--repeats", "1", "--rates", "0.25,1.0"])
+    out = capsys.readouterr().out
+    assert "agree: True" in out
+    assert rows[0]["rate"] == pytest.approx(0.25, abs=0.1) and rows[1]["rate"] == 1.0
+    assert rows[0]["macs"] < rows[1]["macs"] <= 1.0 + 1e-9

@@ -1,0 +1,59 @@
+"""dynlab.gating: execution rates per block / sub-block / category and the executed-cost
+distribution, against hand-counted values."""
+
+import pandas as pd
+import pytest
+import torch
+
+from dynlab import gating
+
+# 4 samples, 2 blocks x 2 sub-blocks (columns b0.s0, b0.s1, b1.s0, b1.s1)
+GATES = torch.tensor(
+    [
+        [1, 1, 0, 0],
+        [1, 0, 0, 1],
+        [1, 1, 1, 1],
+        [1, 0, 0, 0],
+    ],
+    dtype=torch.float32,
+)
+
+
+def test_execution_rates_per_subblock_and_block():
+    df = gating.execution_rates(GATES, 2)
+    got = {(r.block, r.sub): r.rate for r in df.itertuples()}
+    assert got == {(0, -1): 0.75, (0, 0): 1.0, (0, 1): 0.5, (1, -1): 0.375, (1, 0): 0.25, (1, 1): 0.5}
+    assert gating.format_rates(df).splitlines()[1:] == ["    0  0.75   1.00  0.50", "    1  0.38   0.25  0.50"]
+
+
+def test_rates_by_category_use_the_class_mapping():
+    labels = torch.tensor([0, 1, 2, 3])
+    df = gating.rates_by_category(GATES, 2, labels, class_categories=[0, 0, 1, 1], names=["a", "b"])
+    a = df[df["name"] == "a"].set_index(["block", "sub"])["rate"].to_dict()  # samples 0 and 1
+    b = df[df["name"] == "b"].set_index(["block", "sub"])["rate"].to_dict()  # samples 2 and 3
+    assert a == {(0, 0): 1.0, (0, 1): 0.5, (1, 0): 0.0, (1, 1): 0.5}
+    assert b == {(0, 0): 1.0, (0, 1): 0.5, (1, 0): 0.5, (1, 1): 0.5}
+    assert set(df["n"]) == {2}
+
+
+def test_cost_distribution_counts_every_sample_once():
+    costs = torch.tensor([10.0, 10.0, 20.0, 30.0, 30.0], dtype=torch.float64)
+    df = gating.cost_distribution(costs, bins=2, full=40.0)
+    assert df["count"].tolist() == [2, 3]  # [10, 20) and [20, 30]
+    assert df["fraction"].tolist() == pytest.approx([0.4, 0.6])
+    assert df["rate_hi"].iloc[-1] == pytest.approx(0.75)
+
+
+def test_bad_gates_are_refused():
+    with pytest.raises(ValueError, match="blocks \\* 3"):
+        gating.execution_rates(GATES, 3)
+    with pytest.raises(ValueError, match="0 or 1"):
+        gating.execution_rates(GATES * 0.5, 2)
+
+
+def test_figures_are_written(tmp_path):
+    labels = torch.tensor([0, 1, 2, 3])
+    by_cat = gating.rates_by_category(GATES, 2, labels, class_categories=[0, 0, 1, 1], names=["a", "b"])
+    assert gating.plot_rates(by_cat, tmp_path / "rates.png").stat().st_size > 0
+    assert gating.plot_cost_distribution(torch.tensor([1e6, 2e6, 2e6]), tmp_path / "cost.png", full=3e6).stat().st_size > 0
+    assert isinstance(by_cat, pd.DataFrame)
