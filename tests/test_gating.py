@@ -57,3 +57,12 @@ def test_figures_are_written(tmp_path):
     assert gating.plot_rates(by_cat, tmp_path / "rates.png").stat().st_size > 0
     assert gating.plot_cost_distribution(torch.tensor([1e6, 2e6, 2e6]), tmp_path / "cost.png", full=3e6).stat().st_size > 0
     assert isinstance(by_cat, pd.DataFrame)
+
+
+def test_write_report_writes_every_table_and_figure(tmp_path):
+    paths = gating.write_report(tmp_path / "gated", GATES, 2, torch.tensor([0, 1, 2, 3]), torch.tensor([5.0, 6.0, 8.0, 5.0]), full=8.0, class_categories=[0, 0, 1, 1])
+    assert sorted(p.name for p in paths) == sorted(
+        ["execution_rates.csv", "execution_rates.txt", "rates_by_category.csv", "rates_by_category.png", "cost_distribution.csv", "cost_distribution.png"]
+    )
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert pd.read_csv(tmp_path / "gated" / "cost_distribution.csv")["count"].sum() == 4

@@ -115,3 +115,20 @@ def plot_rates(by_category: pd.DataFrame, path: str | Path, title: str = "") -> 
     fig.colorbar(im, ax=ax, label="execution rate")
     fig.savefig(path, dpi=120)
     return Path(path)
+
+
+def write_report(out_dir: str | Path, gates, subblocks: int, labels, costs, full: float | None = None, class_categories: Sequence[int] | None = None, names: Sequence[str] | None = None) -> list[Path]:
+    """Every gated-evaluation artefact into ``out_dir``: ``execution_rates.{csv,txt}``,
+    ``rates_by_category.csv`` and ``rates_by_category.png`` (per class when no categories are
+    given), ``cost_distribution.csv`` and ``cost_distribution.png``. Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rates = execution_rates(gates, subblocks)
+    by_cat = rates_by_category(gates, subblocks, labels, class_categories, names)
+    dist = cost_distribution(costs, full=full)
+    rates.to_csv(out / "execution_rates.csv", index=False)
+    (out / "execution_rates.txt").write_text(format_rates(rates) + "\n")
+    by_cat.to_csv(out / "rates_by_category.csv", index=False)
+    dist.to_csv(out / "cost_distribution.csv", index=False)
+    figures = [plot_rates(by_cat, out / "rates_by_category.png"), plot_cost_distribution(costs, out / "cost_distribution.png", full=full)]
+    return [out / "execution_rates.csv", out / "execution_rates.txt", out / "rates_by_category.csv", out / "cost_distribution.csv", *figures]
