@@ -10,8 +10,9 @@ from pipelines import sweep_dmnn_flops as sweep
 
 
 def test_sweep_trials_cover_targets_lambdas_and_the_dense_baseline():
-    args, lambdas = sweep.with_defaults(["epochs=1", "lambdas=[0.5,2]"])
-    assert args[:2] == ["method=dmnn", "preset=dmnn-resnet-small"] and lambdas == [0.5, 2.0]
+    assert sweep.with_defaults([])[0] == ["method=dmnn", "preset=dmnn-resnet-small", "epochs=12"]
+    args, lambdas = sweep.with_defaults(["run.epochs=1", "lambdas=[0.5,2]"])
+    assert args == ["method=dmnn", "preset=dmnn-resnet-small", "run.epochs=1"] and lambdas == [0.5, 2.0]
     base = config.cli_config(args)
     trials = sweep.make_trials(lambdas)(base)
     assert [t.label for t in trials] == [
