@@ -1,0 +1,66 @@
+"""pipelines.ablation_imta: the five rows, phase I shared and keyed apart from phase-II knobs; one
+end-to-end run (slow) counting the trainings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import methods  # noqa: F401
+from dynlab import config, sweeps
+from dynlab.errors import ConfigError
+from pipelines import ablation_imta
+
+
+def base(*args: str):
+    return config.cli_config(["method=imta", *args])
+
+
+def test_rows_share_phase1_and_point_at_its_cache_entry():
+    cfg = base("epochs=10")
+    rows = {t.id: t for t in ablation_imta.trials(cfg)}
+    assert list(rows) == ["none", "GE", "ISC", "OFA", "all"]
+    c = {k: t.cfg() for k, t in rows.items()}
+    assert [c[k].method_cfg.phase for k in rows] == [1, 1, 2, 2, 2]
+    assert (c["none"].method_cfg.gradient_equilibrium, c["GE"].method_cfg.gradient_equilibrium) == (False, True)
+    cache = sweeps.cache_root(cfg) / "train"
+    assert c["ISC"].run.init_from == c["OFA"].run.init_from == str(cache / rows["none"].train_key)
+    assert c["all"].run.init_from == str(cache / rows["GE"].train_key)
+    assert [(c[k].method_cfg.isc, c[k].method_cfg.ofa) for k in ("ISC", "OFA", "all")] == [(True, False), (False, True), (True, True)]
+    assert c["ISC"].run.epochs == 6 and c["none"].run.epochs == 10  # phase II: 0.6 of the epochs
+    assert rows["all"].label == "GE+ISC+OFA" and len({t.train_key for t in rows.values()}) == 5
+
+
+def test_phase2_knobs_never_change_phase1():
+    a = {t.id: t.train_key for t in ablation_imta.trials(base())}
+    b = {t.id: t.train_key for t in ablation_imta.trials(base("imta.alpha=0.5", "imta.temperature=3", "imta.isc_detach=false"))}
+    assert a["none"] == b["none"] and a["GE"] == b["GE"]  # phase I is not retrained
+    assert all(a[k] != b[k] for k in ("ISC", "OFA", "all"))  # isc_detach reaches ISC, alpha and T the OFA rows
+    seeds = ablation_imta.trials(base("sweep.repeats=2"))
+    assert [t.id for t in seeds][:5] == ["none-seed0", "GE-seed0", "ISC-seed0", "OFA-seed0", "all-seed0"]
+    assert Path(seeds[7].cfg().run.init_from).name == seeds[5].train_key  # seed 1's ISC on seed 1's phase I
+
+
+def test_bad_input_is_refused_before_anything_runs(in_tmp, capsys):
+    with pytest.raises(ConfigError, match="imta"):
+        ablation_imta.trials(config.cli_config(["method=joint"]))
+    assert ablation_imta.main(["imta.alpha=2"]) == 2
+    assert "imta.alpha" in capsys.readouterr().out
+    assert ablation_imta.main(["--help"]) == 0
+
+
+@pytest.mark.slow
+def test_ablation_trains_each_phase1_once(in_tmp, ray_local):
+    from dynlab import tracking
+
+    cfg = base("msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2", "data.heldout=200", "epochs=1", "eval.num_budgets=2", "eval.p_grid=false", "sweep.max_concurrent=2")
+    parent = tracking.open_run("imta-test", "first")
+    out = ablation_imta.run(cfg, parent, "imta-test")
+    parent.end()
+    assert list(out["comparison"]["status"]) == ["ok"] * 5
+    assert out["trained"] == sorted(["none", "GE", "ISC", "OFA", "all"])  # five trainings for five rows: none and GE once each
+    train = sweeps.cache_root(cfg) / "train"
+    assert len(list(train.iterdir())) == 5
+    assert out["figure"] and set(out["summary"]["label"]) == {"none", "GE", "ISC", "OFA", "GE+ISC+OFA"}
+    # (that a phase-II knob leaves phase I's cache entries in place is test_phase2_knobs_never_change_phase1)
