@@ -48,6 +48,11 @@ def test_bad_input_is_refused_before_anything_runs(in_tmp, capsys):
     assert ablation_imta.main(["imta.alpha=2"]) == 2
     assert "imta.alpha" in capsys.readouterr().out
     assert ablation_imta.main(["--help"]) == 0
+    from pipelines import sweep_imta_distillation
+
+    assert sweep_imta_distillation.main(["imta.temperature=0"]) == 2
+    assert "imta.temperature" in capsys.readouterr().out
+    assert sweep_imta_distillation.main(["--help"]) == 0 and "sweep.num_samples" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -64,3 +69,23 @@ def test_ablation_trains_each_phase1_once(in_tmp, ray_local):
     assert len(list(train.iterdir())) == 5
     assert out["figure"] and set(out["summary"]["label"]) == {"none", "GE", "ISC", "OFA", "GE+ISC+OFA"}
     # (that a phase-II knob leaves phase I's cache entries in place is test_phase2_knobs_never_change_phase1)
+
+
+def test_distillation_sweep_shares_one_phase1():
+    from pipelines import sweep_imta_distillation as sweep
+
+    rows = sweep.trials(base("epochs=5"))
+    assert [t.id for t in rows][0] == "phase1" and len(rows) == 1 + 3 * 2  # alpha grid x T grid
+    first, rest = rows[0], [t.cfg() for t in rows[1:]]
+    assert {c.run.init_from for c in rest} == {str(sweeps.cache_root(base()) / "train" / first.train_key)}
+    assert {(c.method_cfg.alpha, c.method_cfg.temperature) for c in rest} == {(a, t) for a in (0.1, 0.5, 0.9) for t in (1.0, 3.0)}
+    assert all(c.method_cfg.isc and c.method_cfg.ofa and c.method_cfg.phase == 2 and c.run.epochs == 3 for c in rest)
+    rnd = sweep.trials(base("sweep.num_samples=3", "sweep.repeats=2"))
+    ids = [t.id for t in rnd]
+    assert len(ids) == 2 * (1 + 3) and ids[0] == "phase1-seed0" and ids[4] == "phase1-seed1"
+    pts0 = [(t.cfg().method_cfg.alpha, t.cfg().method_cfg.temperature) for t in rnd[1:4]]
+    pts1 = [(t.cfg().method_cfg.alpha, t.cfg().method_cfg.temperature) for t in rnd[5:8]]
+    assert pts0 == pts1 and all(0 <= a <= 1 and 0.5 <= T <= 8 for a, T in pts0)  # the same points for every seed
+    assert Path(rnd[5].cfg().run.init_from).name == rnd[4].train_key
+    with pytest.raises(ConfigError, match="imta.alpha"):
+        sweep.trials(base("sweep.values=[0.5,1.5]"))

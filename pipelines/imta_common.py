@@ -1,0 +1,100 @@
+"""What IMTA's pipelines share: phase-I and phase-II trial configs, and running the two phases.
+
+Until the pipeline layer chains training stages itself, a two-phase pipeline runs two sweeps in one
+MLflow run: first its phase-I trials (published to the train cache under their train hash), then
+the whole pipeline, in which the phase-I trials are found cached and each phase-II trial starts
+from ``run.init_from = <cache>/train/<its phase-I train hash>``. Knobs a trial does not use (phase-II
+knobs in phase I, OFA's on a row without OFA, ...) are set to their defaults in its config, so that
+changing them never retrains it (phase I is trained once per phase-I config).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from dynlab import pipeline, sweeps
+from dynlab.errors import ConfigError
+
+PHASE2_EPOCHS = 0.6  # fraction of run.epochs (IMTA: 180 phase-II epochs after 300 of phase I)
+OFA_KNOBS, ISC_KNOBS = ("alpha", "temperature", "kl_reduction"), ("isc_detach",)
+PHASE2_KNOBS = (*OFA_KNOBS, *ISC_KNOBS, "freeze", "classifier_init")
+GE_KEYS = ("imta.gradient_equilibrium", "imta.gradient_rescale")
+
+
+def check_imta(cfg) -> None:
+    if cfg.method != "imta":
+        raise ConfigError("method", cfg.method, "imta (this pipeline trains IMTA's two phases)")
+
+
+def _defaults(cfg, names) -> dict:
+    defaults = type(cfg.method_cfg)()
+    return {f"imta.{k}": getattr(defaults, k) for k in names}
+
+
+def phase1_overrides(cfg, row: dict) -> dict:
+    """A phase-I trial: phase-II knobs at their defaults; GE on (the paper's form unless the base
+    config asks for the reference's), then ``row``."""
+    out = {**_defaults(cfg, PHASE2_KNOBS), "imta.phase": 1, "imta.isc": False, "imta.ofa": False, "run.init_from": ""}
+    if not (cfg.method_cfg.gradient_equilibrium or cfg.method_cfg.gradient_rescale):
+        out["imta.gradient_equilibrium"] = True
+    return {**out, **row}
+
+
+def phase2_overrides(cfg, start: sweeps.Trial, row: dict) -> dict:
+    """A phase-II trial on phase-I trial ``start``: its GE settings, 0.6 of the epochs, the unused
+    part's knobs at their defaults, then ``row``."""
+    ge = {k: start.overrides.get(k, getattr(cfg.method_cfg, k.split(".")[1])) for k in GE_KEYS}
+    unused = (OFA_KNOBS if not row.get("imta.ofa") else ()) + (ISC_KNOBS if not row.get("imta.isc") else ())
+    init = str(sweeps.cache_root(cfg) / sweeps.TRAIN_CACHE / start.train_key)
+    return {"imta.phase": 2, "run.epochs": max(1, round(PHASE2_EPOCHS * cfg.run.epochs)), "run.init_from": init, **ge, **_defaults(cfg, unused), **row}
+
+
+def make_trial(cfg, tid: str, label: str, overrides: dict) -> sweeps.Trial:
+    c = cfg.with_overrides(overrides)
+    return sweeps.Trial(tid, label, overrides, c.to_dict(), c.train_hash())
+
+
+def seeds(cfg) -> list[tuple[dict, str]]:
+    """``(seed override, id suffix)`` per repeat, as :func:`dynlab.sweeps.expand` names them."""
+    if cfg.sweep.repeats == 1:
+        return [({}, "")]
+    return [({"run.seed": cfg.run.seed + r}, f"-seed{cfg.run.seed + r}") for r in range(cfg.sweep.repeats)]
+
+
+def is_phase1(t: sweeps.Trial) -> bool:
+    return t.config["imta"]["phase"] == 1
+
+
+def run(cfg, handle, experiment: str, trials: list[sweeps.Trial], title: str, compare_phase1: bool = True) -> dict:
+    """Phase I first (a sweep of the phase-I trials, cached), then the pipeline over all trials
+    (``compare_phase1=False``: the phase-II trials only; phase I is trained, not compared)."""
+    first = sweeps.run(cfg, [t for t in trials if is_phase1(t)], handle, experiment)
+    failed = first.table[first.table["status"] != "ok"]
+    if len(failed):  # phase II cannot start; the pipeline's table reports them with the rest
+        print(f"[imta] phase I did not finish for {', '.join(failed['trial'])}: the phase-II trials on them will fail", flush=True)
+    rows = trials if compare_phase1 else [t for t in trials if not is_phase1(t)]
+    out = pipeline.run(cfg, rows, handle, experiment, title)
+    out["trained"] = sorted(set(first.trained) | set(out["trained"]))
+    return out
+
+
+def plan(cfg, rows: list[sweeps.Trial]) -> list:
+    """The configs the preflight checks fully: phase-I trials, and phase-II trials whose phase I is
+    cached (the others' model is checked when they start: their phase-I weights do not exist yet)."""
+    done = {t.train_key for t in rows if sweeps.cached_training(sweeps.cache_root(cfg), t.train_key)}
+    return [t.cfg() for t in rows if is_phase1(t) or Path(t.config["run"]["init_from"]).name in done]
+
+
+def main(doc: str, experiment: str, trials: Callable, title: Callable, argv: list[str] | None, compare_phase1: Callable = lambda cfg: True) -> int:
+    """The command line (``method=imta`` implied). Every trial's config is resolved before anything
+    starts (bad input: one line, exit 2); see :func:`plan` for the rest of the checks."""
+    from dynlab import cli
+
+    args = ["method=imta", *(sys.argv[1:] if argv is None else argv)]
+
+    def body(cfg, handle, name):
+        return run(cfg, handle, experiment, trials(cfg), title(cfg), compare_phase1(cfg))
+
+    return cli.main(doc, args, body, default_experiment=experiment, plan=lambda cfg: plan(cfg, trials(cfg)))
