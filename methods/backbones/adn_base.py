@@ -1,0 +1,74 @@
+"""Parts every ADN backbone shares: skip-aware norms kept inside a block and swapped in while the
+block runs in a skipped stage, and the measured cost of every sub-network."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+from torch import nn
+
+from dynlab import costs
+
+NORMS = (nn.BatchNorm2d, nn.LayerNorm)
+
+
+def add_skip_norms(block: nn.Module) -> None:
+    """Give ``block`` a second copy of each of its norm layers (``block.skip_norms``: same init,
+    separate parameters and running statistics)."""
+    paths = [name for name, m in block.named_modules() if isinstance(m, NORMS)]
+    block.skip_norms = nn.ModuleDict({p.replace(".", "_"): copy.deepcopy(block.get_submodule(p)) for p in paths})
+    block.skip_norm_paths = paths
+
+
+@contextlib.contextmanager
+def skip_norms_in(block: nn.Module, active: bool) -> Iterator[None]:
+    """While open (and ``active``), ``block`` runs with its second norm set in place of the first:
+    the block's own forward is reused unchanged. The original modules are put back on exit."""
+    if not active or not hasattr(block, "skip_norms"):
+        yield
+        return
+    swapped = []
+    try:
+        for path in block.skip_norm_paths:
+            parent_path, _, leaf = path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            swapped.append((parent, leaf, parent._modules[leaf]))
+            parent._modules[leaf] = block.skip_norms[path.replace(".", "_")]
+        yield
+    finally:
+        for parent, leaf, original in swapped:
+            parent._modules[leaf] = original
+
+
+class _Subnet(nn.Module):
+    """A network with a fixed skip pattern, for cost counting."""
+
+    def __init__(self, net: nn.Module, name: str):
+        super().__init__()
+        self.net, self.name = net, name
+
+    def forward(self, x):
+        return self.net(x, skip=self.name)
+
+
+class SubnetCosts:
+    """Mixin for an ADN network with ``num_stages`` and ``input_shape``: MACs and parameters of
+    every sub-network, measured by running it with dynlab.costs."""
+
+    _cost_table: costs.CostTable | None = None
+
+    def subnet_cost(self, name: str) -> tuple[float, int]:
+        return costs.measure_total(_Subnet(self, name), self.input_shape)
+
+    @property
+    def cost_table(self) -> costs.CostTable:
+        """One row per sub-network (base-net first, super-net last), measured once on first use."""
+        from methods.backbones.adn_resnet import subnet_names
+
+        if self._cost_table is None:
+            names = subnet_names(self.num_stages)
+            rows = [self.subnet_cost(n) for n in names]
+            self._cost_table = costs.CostTable(macs=[r[0] for r in rows], params=[r[1] for r in rows], names=names)
+        return self._cost_table

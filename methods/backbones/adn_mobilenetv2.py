@@ -1,0 +1,90 @@
+"""ADN MobileNetV2: torchvision's MobileNetV2 (its modules and state-dict layout), every
+inverted-residual group of n >= 2 blocks a stage whose blocks i >= (n+1)//2 are skippable
+(REFERENCE.md section 6); skip-aware BN in the mandatory blocks of a skipped stage.
+
+The CIFAR stem (``cifar_stem``) makes the first conv stride 1, so 32x32 inputs keep a 2x2 map at
+the end; with a small ``width_mult`` the network trains on this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.mobilenetv2 import MobileNetV2
+
+from dynlab.config import bounded
+from dynlab.registry import DatasetInfo, register_backbone, register_preset
+from methods.backbones.adn_base import SubnetCosts, add_skip_norms, skip_norms_in
+from methods.backbones.adn_resnet import parse_skip
+
+GROUP_SIZES = [1, 2, 3, 4, 3, 3, 1]  # torchvision's inverted-residual setting, n per group
+
+
+def mandatory_blocks(n: int) -> int:
+    """Blocks of a group that always run: the first (n+1)//2."""
+    return (n + 1) // 2
+
+
+class ADNMobileNetV2(SubnetCosts, nn.Module):
+    def __init__(self, num_classes: int, width_mult: float = 1.0, skip_aware_norms: bool = True,
+                 in_channels: int = 3, image_size: int = 224, cifar_stem: bool = False):
+        super().__init__()
+        tv = MobileNetV2(num_classes=num_classes, width_mult=width_mult)
+        self.features, self.classifier = tv.features, tv.classifier
+        if in_channels != 3 or cifar_stem:
+            old = self.features[0][0]
+            self.features[0][0] = nn.Conv2d(in_channels, old.out_channels, 3, stride=1 if cifar_stem else 2, padding=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # torchvision pools functionally; a module so that it is counted
+        starts = [1 + sum(GROUP_SIZES[:g]) for g in range(len(GROUP_SIZES))]
+        self.groups = [list(range(s, s + n)) for s, n in zip(starts, GROUP_SIZES)]  # indices into features
+        self.stage_of_group = {}
+        for g, n in enumerate(GROUP_SIZES):
+            if n >= 2:
+                self.stage_of_group[g] = len(self.stage_of_group)
+        self.num_stages = len(self.stage_of_group)
+        self.skip_aware_norms = skip_aware_norms
+        self.input_shape = (1, in_channels, image_size, image_size)
+        self.ddp_find_unused_parameters = True
+        if skip_aware_norms:
+            for g, s in self.stage_of_group.items():
+                for i in self.groups[g][: mandatory_blocks(GROUP_SIZES[g])]:
+                    add_skip_norms(self.features[i])
+        self._cost_table = None
+
+    def stage_blocks(self) -> list[tuple[int, int]]:
+        """(blocks, mandatory blocks) per stage."""
+        return [(GROUP_SIZES[g], mandatory_blocks(GROUP_SIZES[g])) for g in self.stage_of_group]
+
+    def forward(self, x: torch.Tensor, skip=None, return_features: bool = False):
+        skip = parse_skip(skip, self.num_stages)
+        x = self.features[0](x)
+        features = []
+        for g, idx in enumerate(self.groups):
+            s = self.stage_of_group.get(g)
+            skipped = s is not None and skip[s]
+            keep = mandatory_blocks(len(idx)) if skipped else len(idx)
+            for i in idx[:keep]:
+                with skip_norms_in(self.features[i], skipped and self.skip_aware_norms):
+                    x = self.features[i](x)
+            if s is not None:
+                features.append(x)
+        x = self.features[-1](x)
+        logits = self.classifier(torch.flatten(self.pool(x), 1))
+        return (logits, features) if return_features else logits
+
+
+@dataclass
+class ADNMobileNetV2Config:
+    width_mult: float = bounded(0.25, 0.05, help="channel multiplier (torchvision: 1.0)")
+    cifar_stem: bool = True
+
+
+@register_backbone("adn_mobilenetv2", ADNMobileNetV2Config, description="MobileNetV2 with skippable second halves (ADN), torchvision layout")
+def build_adn_mobilenetv2(cfg: ADNMobileNetV2Config, info: DatasetInfo, skip_aware_norms: bool = True) -> ADNMobileNetV2:
+    return ADNMobileNetV2(info.num_classes, cfg.width_mult, skip_aware_norms, info.channels, info.image_size, cfg.cifar_stem)
+
+
+register_preset("adn-mobilenetv2", "adn_mobilenetv2", "imagenet", "MobileNetV2-ADN, ImageNet 224x224", width_mult=1.0, cifar_stem=False)
+register_preset("adn-mobilenetv2-cifar", "adn_mobilenetv2", "cifar10", "small MobileNetV2-ADN for 32x32 inputs (width 0.25, stride-1 stem)", width_mult=0.25, cifar_stem=True)
