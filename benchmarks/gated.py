@@ -23,6 +23,7 @@ import methods  # noqa: F401  (fills the registries)
 from dynlab import config
 from dynlab.data import static_info
 from dynlab.registry import get_method, get_preset
+from methods.backbones.dmnn_common import GatedBlock
 
 
 def best_time(fn, repeats: int) -> float:
@@ -43,8 +44,12 @@ def set_open_rate(model, x: torch.Tensor, rate: float | list[float]) -> None:
     open-minus-closed logit on ``x``: each sub-block opens for about a fraction p of the samples
     (``rate``: one p for every block, or one per block)."""
     rates = list(rate) if isinstance(rate, (list, tuple)) else [rate] * len(model.blocks)
-    h, x = None, model.stem(x)
-    for block, p in zip(model.blocks, rates):
+    h, x, rates = None, model.stem(x), iter(rates)
+    for block in model.layers:
+        if not isinstance(block, GatedBlock):
+            x = block(x)  # a fixed layer (MobileNetV2's blocks without a residual)
+            continue
+        p = next(rates)
         ctrl = block.controller
         nn.init.normal_(ctrl.gate.weight, 0.0, 1.0)
         ctrl.gate.bias.zero_()

@@ -24,7 +24,7 @@ from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.predictions import GatedPredictions
 from dynlab.registry import DatasetInfo, get_backbone, register_method
-from methods.backbones import dmnn_resnet  # noqa: F401  (registers the backbone and its presets)
+from methods.backbones import dmnn_mobilenet, dmnn_resnet  # noqa: F401  (register the backbones and their presets)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def resource_losses(model, gates: torch.Tensor, target: float) -> tuple[torch.Te
     return rate_loss, flops_loss.float(), flops_rate.detach()
 
 
-@register_method("dmnn", DMNNConfig, backbones=("dmnn_resnet",))
+@register_method("dmnn", DMNNConfig, backbones=("dmnn_resnet", "dmnn_mobilenetv2"))
 class DMNN:
     """Gated sub-blocks with controllers, trained towards a FLOPs target."""
 

@@ -25,7 +25,11 @@ EXPERIMENT = "sweep_dmnn_flops"
 TARGET = "dmnn.target_rate"
 WEIGHT = "dmnn.resource_weight"
 DEFAULT_TARGETS = [0.3, 0.5, 0.7]
-BASELINE = {"dmnn_resnet.gated": False, "dmnn_resnet.subblocks": 1}
+
+def baseline(cfg) -> dict:
+    """The unmodified network: one sub-block per block (the original block) and no controllers."""
+    return {f"{cfg.backbone}.gated": False, f"{cfg.backbone}.subblocks": 1}
+
 # unless the command line says otherwise; gated training converges slower than dense (every step
 # drops sub-blocks at random), so the laptop default trains 12 epochs instead of the platform's 4
 DEFAULTS = {"method": "dmnn", "preset": "dmnn-resnet-small", "epochs": 12}
@@ -47,7 +51,7 @@ def make_trials(lambdas: list[float] | None):
         grid = {TARGET: list(cfg.sweep.values) or DEFAULT_TARGETS}
         if lambdas:
             grid[WEIGHT] = lambdas
-        return sweeps.expand(cfg, grid=grid, extra=[BASELINE] if cfg.sweep.baseline else [])
+        return sweeps.expand(cfg, grid=grid, extra=[baseline(cfg)] if cfg.sweep.baseline else [])
 
     return trials
 

@@ -14,7 +14,7 @@ from dynlab import config, data
 from dynlab.costs import CostCounter
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo
-from methods.backbones.dmnn_resnet import DMNNResNet, GatedBlock, DMNNResNetConfig, build_dmnn_resnet, subblock_width
+from methods.backbones.dmnn_resnet import DMNNResNet, bottleneck_block, DMNNResNetConfig, build_dmnn_resnet, subblock_width
 from benchmarks.gated import set_open_rate
 from methods.dmnn import DMNN, resource_losses
 
@@ -101,7 +101,7 @@ def _dense_reference(model: DMNNResNet, x: torch.Tensor) -> torch.Tensor:
         for sub in block.subs:
             out = out + sub(x)
         x = torch.relu(out)
-    return model.fc(torch.flatten(model.pool(x), 1))
+    return model.head[2](torch.flatten(x.mean((2, 3), keepdim=True), 1))
 
 
 @pytest.mark.parametrize("subblocks", [2, 4])
@@ -126,7 +126,7 @@ def test_split_blocks_keep_the_parameter_count_of_resnet50_bottlenecks():
     for c_in, width in [(64, 64), (256, 64), (256, 128), (512, 128), (1024, 256), (2048, 512)]:
         base = sum(p.numel() for p in Bottleneck(c_in, width).parameters())  # torchvision's block, no shortcut
         for n in (2, 4):
-            subs = GatedBlock(c_in, width, 4 * width, 1, n, None).subs
+            subs = bottleneck_block(c_in, width, 4 * width, 1, n, None).subs
             split = sum(p.numel() for p in subs.parameters())
             split_convs = sum(m.weight.numel() for m in subs.modules() if isinstance(m, nn.Conv2d))
             base_convs = c_in * width + 9 * width * width + width * 4 * width  # eq. 1 of the paper
@@ -243,3 +243,35 @@ def test_builtin_groupings_are_valid_mappings():
         assert data.check_categories(mapping, 10, "categories", name) == mapping
     assert data.class_categories("none", config.DataConfig(name="digits"), 10) is None
     assert data.class_categories("auto", config.DataConfig(name="synthetic"), 10) is None
+
+
+def test_mobilenetv2_gated_blocks_open_equal_the_dense_network_and_skipping_equals_masked():
+    from methods.backbones.dmnn_common import GatedBlock
+    from methods.backbones.dmnn_mobilenet import DMNNMobileNetV2Config, build_dmnn_mobilenetv2
+
+    torch.manual_seed(0)
+    model = build_dmnn_mobilenetv2(DMNNMobileNetV2Config(width_mult=0.25, stem="cifar", subblocks=2, dropout=0.0), DatasetInfo("cifar10", 10, 32))
+    model.eval()
+    x = torch.randn(16, 3, 32, 32) * (0.2 + 2 * torch.rand(16, 1, 1, 1))
+
+    def dense(x):  # MobileNetV2: residual blocks add their sub-blocks to x, no activation after
+        x = model.stem(x)
+        for layer in model.layers:
+            if isinstance(layer, GatedBlock):
+                out = x
+                for sub in layer.subs:
+                    out = out + sub(x)
+                x = out
+            else:
+                x = layer(x)
+        return model.head(x)
+
+    model.force_gates = 1.0
+    torch.testing.assert_close(model(x)["logits"], dense(x), rtol=0, atol=0)
+    model.force_gates = None
+    set_open_rate(model, x, 0.5)
+    masked = model(x)
+    logits, gates = model.forward_skipping(x)
+    assert torch.equal(gates, masked["gates"]) and 0.3 < float(gates.mean()) < 0.7
+    torch.testing.assert_close(logits, masked["logits"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.tensor(model.last_counts).flatten(), gates.sum(0).long())

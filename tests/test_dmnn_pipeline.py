@@ -26,6 +26,8 @@ def test_sweep_trials_cover_targets_lambdas_and_the_dense_baseline():
     with pytest.raises(ConfigError, match="lambdas"):
         sweep.with_defaults(["lambdas=[1,-2]"])
     assert sweep.with_defaults(["backbone=dmnn_resnet"])[0][0] == "method=dmnn"  # no preset forced on a backbone
+    mobilenet = sweep.make_trials(None)(config.cli_config(["method=dmnn", "backbone=dmnn_mobilenetv2"]))[-1].cfg()
+    assert (mobilenet.backbone_cfg.gated, mobilenet.backbone_cfg.subblocks) == (False, 1)  # its own baseline
 
 
 def test_costs_pipeline_lists_fixed_part_subblocks_controllers_and_dense_total(capsys):

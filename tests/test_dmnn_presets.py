@@ -5,6 +5,7 @@ torchvision's ResNet-50. (tests/test_preset_costs.py pins the early-exit presets
 from __future__ import annotations
 
 import pytest
+import torch
 import torchvision
 
 import methods  # noqa: F401  (registers backbones and presets)
@@ -20,11 +21,13 @@ PINNED = {
     "dmnn-resnet50-n2": (50, 121315428, 1201678208, 2274304, 1322993636, 23765722),
     "dmnn-resnet50-imagenet": (82, 487953384, 3752743792, 6061120, 4240697176, 25646968),
     "dmnn-resnet101-imagenet": (167, 491365352, 7481171824, 10054216, 7972537176, 44821880),
+    "dmnn-mobilenetv2-imagenet": (32, 149359784, 157584000, 253480, 306943784, 3506456),
+    "dmnn-mobilenetv2-cifar": (32, 38158436, 51456000, 107752, 89614436, 2353556),
 }
 
 
 def test_every_dmnn_preset_is_pinned():
-    assert {n for n, p in registry.PRESETS.items() if p.backbone == "dmnn_resnet"} == set(PINNED)
+    assert {n for n, p in registry.PRESETS.items() if p.backbone.startswith("dmnn_")} == set(PINNED)
 
 
 @pytest.mark.parametrize("name", list(PINNED))
@@ -50,3 +53,24 @@ def test_one_subblock_without_controllers_is_torchvision_resnet50():
     reference = torchvision.models.resnet50()  # definition only, no weights
     assert sum(q.numel() for q in model.parameters()) == sum(q.numel() for q in reference.parameters()) == 25557032
     assert [n for n in model.cost_table.names if n != "fixed" and n != "dense total"] == [f"block{b}.sub0" for b in range(16)]
+
+
+def _mobilenet(**values):
+    entry = registry.get_backbone("dmnn_mobilenetv2")
+    return entry.build(build_section("dmnn_mobilenetv2", entry.config_cls, values), static_info("imagenet"))
+
+
+def test_mobilenetv2_split_keeps_torchvision_convolutions_and_one_subblock_is_torchvision():
+    dense = _mobilenet(subblocks=1, gated=False)
+    reference = torchvision.models.mobilenet_v2()  # definition only, no weights
+    assert sum(q.numel() for q in dense.parameters()) == sum(q.numel() for q in reference.parameters()) == 3504872
+    assert dense.num_blocks == 10  # the residual blocks of MobileNetV2: 1 + 2 + 3 + 2 + 2
+    ref_convs = sum(m.weight.numel() for m in reference.modules() if isinstance(m, torch.nn.Conv2d))
+    for n in (2, 3, 4):
+        split = _mobilenet(subblocks=n, gated=False)
+        convs = sum(m.weight.numel() for m in split.modules() if isinstance(m, torch.nn.Conv2d))
+        assert convs == ref_convs  # 1x1 and depth-wise convolutions divide exactly
+        assert split.cost_table.macs[-1] == dense.cost_table.macs[-1]  # the same dense MACs
+    gated = _mobilenet(subblocks=2)
+    assert gated.stage_of_block == [0, 1, 1, 2, 2, 2, 2, 2, 3, 3]  # 56, 28, 14 (x5), 7 pixels
+    assert sum(n.endswith(".controller") for n in gated.cost_table.names) == 10
