@@ -65,3 +65,16 @@ def test_one_ablation_trial_end_to_end_logs_every_sub_network(in_tmp, ray_local)
     (child,) = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
     assert len(client.get_metric_history(child.info.run_id, "anytime/test_accuracy")) == 3  # one point per sub-network
     assert len(client.get_metric_history(child.info.run_id, "train/loss_base")) == 1
+
+
+def test_latency_command_lists_the_requested_sub_networks_with_costs(capsys):
+    import json
+
+    from pipelines import adn_latency
+
+    assert adn_latency.main(["backbone=adn_resnet", "adn_resnet.width=4", "subnets=TTTT,FFFF", "repeats=1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["name"] for r in rows] == ["TTTT", "FFFF"] and rows[0]["macs"] < rows[1]["macs"] and rows[0]["latency_s"] > 0
+    assert adn_latency.main(["backbone=adn_resnet", "subnets=TTT"]) == 2
+    assert "subnets" in capsys.readouterr().err
+    assert adn_latency.main(["backbone=msdnet"]) == 2
