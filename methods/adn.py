@@ -26,7 +26,7 @@ from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.predictions import SubnetPredictions
 from dynlab.registry import DatasetInfo, get_backbone, register_method
-from methods.backbones import adn_mobilenetv2, adn_resnet, adn_vit  # noqa: F401  (register the ADN backbones)
+from methods.backbones import adn_mobilenetv2, adn_resnet, adn_swin, adn_vit  # noqa: F401  (register the ADN backbones)
 from methods.backbones.adn_resnet import subnet_names
 
 
@@ -69,7 +69,7 @@ def _net(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP wraps the network
 
 
-@register_method("adn", ADNConfig, backbones=("adn_resnet", "adn_mobilenetv2", "adn_vit"))
+@register_method("adn", ADNConfig, backbones=("adn_resnet", "adn_mobilenetv2", "adn_vit", "adn_swin"))
 class ADN:
     """Super-net CE and base-net self-distillation, two backward calls; sub-network predictions."""
 
@@ -165,4 +165,4 @@ def subnet_latency(model: nn.Module, names: list[str], batch: int = 1, repeats: 
     return frame
 
 
-__all__ = ["subnet_latency", "ADN", "ADNConfig", "adn_resnet", "adn_mobilenetv2", "adn_vit", "logit_kd", "feature_kd", "kd_rows"]
+__all__ = ["subnet_latency", "ADN", "ADNConfig", "adn_resnet", "adn_mobilenetv2", "adn_vit", "adn_swin", "logit_kd", "feature_kd", "kd_rows"]

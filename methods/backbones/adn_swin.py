@@ -1,0 +1,127 @@
+"""ADN Swin Transformer: torchvision's SwinTransformer (modules and state-dict layout unchanged),
+every stage split by the ResNet rule (Swin-T: mandatory [1,1,3,1] of [2,2,6,2]; REFERENCE.md
+section 6), skip-aware LayerNorm in the mandatory blocks of a skipped stage. Stochastic depth is
+off by default: the paper disables it for the base-net, since randomly dropping blocks conflicts
+with skipping sub-paths.
+
+Costs: the window attention runs its q/k/v and output projections functionally and its products as
+matmuls, so it is :class:`CountedWindowAttention` (same layout, a ``macs`` method) and
+``subnet_cost`` adds it to what ``dynlab.costs`` measured (see ``adn_vit``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer
+
+from dynlab import costs
+from dynlab.config import bounded
+from dynlab.errors import ConfigError
+from dynlab.registry import DatasetInfo, register_backbone, register_preset
+from methods.backbones.adn_base import SubnetCosts, _Subnet, add_skip_norms, skip_norms_in
+from methods.backbones.adn_resnet import mandatory_count, parse_skip
+
+
+class CountedWindowAttention(ShiftedWindowAttention):
+    """Window attention that states its own multiply-adds for one sample ([B, H, W, C] input,
+    padded to whole windows as torchvision does)."""
+
+    def macs(self, inputs: tuple, output) -> float:
+        _, h, w, c = inputs[0].shape
+        wh, ww = self.window_size
+        tokens = math.ceil(h / wh) * wh * math.ceil(w / ww) * ww
+        proj = 3 * c * c + 3 * c + c * c + c
+        return float(tokens * proj + 2 * tokens * wh * ww * c)
+
+    def unhooked_params(self) -> int:
+        return sum(p.numel() for m in (self.qkv, self.proj) for p in m.parameters())
+
+
+class ADNSwin(SubnetCosts, SwinTransformer):
+    def __init__(self, patch_size: int, embed_dim: int, depths: list[int], num_heads: list[int], window_size: int,
+                 num_classes: int, stochastic_depth_prob: float = 0.0, skip_aware_norms: bool = True, image_size: int = 224):
+        super().__init__([patch_size, patch_size], embed_dim, list(depths), list(num_heads), [window_size, window_size],
+                         stochastic_depth_prob=stochastic_depth_prob, num_classes=num_classes)
+        self.stage_index = [1 + 2 * s for s in range(len(depths))]  # features: embed, stage, merge, stage, ...
+        self.mandatory = [mandatory_count(n) for n in depths]
+        for i in self.stage_index:
+            for b in self.features[i]:
+                b.attn.__class__ = CountedWindowAttention  # same parameters and keys
+        self.num_stages = len(depths)
+        self.skip_aware_norms = skip_aware_norms
+        self.input_shape = (1, 3, image_size, image_size)
+        self.ddp_find_unused_parameters = True
+        if skip_aware_norms:
+            for i, m in zip(self.stage_index, self.mandatory):
+                for b in list(self.features[i])[:m]:
+                    add_skip_norms(b)
+        self._cost_table = None
+
+    def forward(self, x: torch.Tensor, skip=None, return_features: bool = False):
+        skip = parse_skip(skip, self.num_stages)
+        x = self.features[0](x)
+        features = []
+        for s, (i, m) in enumerate(zip(self.stage_index, self.mandatory)):
+            if i > 1:
+                x = self.features[i - 1](x)  # patch merging before every stage but the first
+            blocks = list(self.features[i])
+            for b in blocks[:m] if skip[s] else blocks:
+                with skip_norms_in(b, skip[s] and self.skip_aware_norms):
+                    x = b(x)
+            features.append(x.permute(0, 3, 1, 2))  # channels first, as the KD expects
+        x = self.flatten(self.avgpool(self.permute(self.norm(x))))
+        logits = self.head(x)
+        return (logits, features) if return_features else logits
+
+    def subnet_cost(self, name: str) -> tuple[float, int]:
+        macs, params = costs.measure_total(_Subnet(self, name), self.input_shape)
+        extra = [0.0, 0]
+
+        def hook(module, inputs, output):
+            if costs.module_macs(module, inputs, output) == 0:  # not already counted by dynlab.costs
+                extra[0] += module.macs(inputs, output)
+                extra[1] += module.unhooked_params()
+
+        handles = [m.register_forward_hook(hook) for m in self.modules() if isinstance(m, CountedWindowAttention)]
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            self.eval()
+            with torch.no_grad():
+                self(torch.zeros(self.input_shape), skip=name)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes:
+                m.training = mode
+        return macs + extra[0], params + extra[1]
+
+
+@dataclass
+class ADNSwinConfig:
+    patch_size: int = bounded(2, 1)
+    embed_dim: int = bounded(16, 1)
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2], metadata={"help": "blocks per stage, each >= 2"})
+    num_heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    window_size: int = bounded(4, 1)
+    stochastic_depth_prob: float = bounded(0.0, 0.0, 1.0)
+
+    def validate(self, section: str) -> None:
+        if not self.depths or any(n < 2 for n in self.depths):
+            raise ConfigError(f"{section}.depths", self.depths, "blocks per stage, each >= 2 (a mandatory and a skippable half)")
+        if len(self.num_heads) != len(self.depths):
+            raise ConfigError(f"{section}.num_heads", self.num_heads, f"{len(self.depths)} head counts, one per stage")
+
+
+@register_backbone("adn_swin", ADNSwinConfig, description="Swin Transformer with skippable second halves (ADN), torchvision layout")
+def build_adn_swin(cfg: ADNSwinConfig, info: DatasetInfo, skip_aware_norms: bool = True) -> ADNSwin:
+    if info.channels != 3:
+        raise ConfigError("dataset", info.name, "3-channel images for adn_swin")
+    return ADNSwin(cfg.patch_size, cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, info.num_classes, cfg.stochastic_depth_prob, skip_aware_norms, info.image_size)
+
+
+register_preset("adn-swin-t", "adn_swin", "imagenet", "Swin-T-ADN, ImageNet 224x224", patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7)
+register_preset("adn-swin-cifar", "adn_swin", "cifar10", "small Swin-ADN for 32x32 inputs (patch 2, dim 16, window 4)", patch_size=2, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4)
