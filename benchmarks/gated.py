@@ -55,10 +55,9 @@ def set_open_rate(model, x: torch.Tensor, rate: float | list[float]) -> None:
         ctrl.gate.bias.zero_()
         logits, h_next = ctrl(x, h)
         diff = logits[..., 1] - logits[..., 0]  # [B, N]
-        if p >= 1.0:
-            shift = torch.full((diff.shape[1],), 1e4)
-        elif p <= 0.0:
-            shift = torch.full((diff.shape[1],), -1e4)
+        if p >= 1.0 or p <= 0.0:  # every sample the same way, whatever the features' scale
+            ctrl.gate.weight.zero_()
+            shift = torch.full((diff.shape[1],), 1.0 if p >= 1.0 else -1.0)
         else:
             shift = -torch.quantile(diff.float(), 1.0 - p, dim=0) + 1e-6
         ctrl.gate.bias.view(-1, 2)[:, 1] = shift.to(ctrl.gate.bias)
