@@ -1,5 +1,6 @@
 """DMNN (Dynamic Multi-path Neural Network, paper 002): training towards a FLOPs target and
-inference that really skips closed sub-blocks. The network is ``methods.backbones.dmnn_resnet``.
+inference that really skips closed sub-blocks. The networks are ``methods.backbones.dmnn_resnet``
+and ``methods.backbones.dmnn_mobilenet`` (their shared parts: ``dmnn_common``).
 
 Loss (paper eqs. 9-16): ``CE + sum_b w_b CE(category_b) + lambda * (L_rate + L_flops)`` with
 - ``L_rate = mean_b (r_b - t)^2``, r_b = the fraction of block b's sub-blocks open in the batch;
