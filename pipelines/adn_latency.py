@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         own = _own(values)
         preset, backbone, _, info, model = costs_cli.build(values)
         if not hasattr(model, "num_stages") or not hasattr(model, "cost_table"):
-            raise ConfigError("backbone", backbone, "an ADN backbone (adn_resnet, adn_mobilenetv2)")
+            raise ConfigError("backbone", backbone, "an ADN backbone (adn_resnet, adn_mobilenetv2, adn_vit, adn_swin)")
         table = model.cost_table
         names = own["subnets"] or list(table.names)
         bad = [n for n in names if n not in table.names]

@@ -53,6 +53,37 @@ class _Subnet(nn.Module):
         return self.net(x, skip=self.name)
 
 
+def measure_with_extras(net: nn.Module, name: str, input_shape) -> tuple[float, int]:
+    """dynlab.costs' MACs and parameters of sub-network ``name``, plus what modules with a ``macs``
+    method (attention run functionally, matmuls) state for themselves where dynlab.costs counted 0
+    (so nothing is counted twice once dynlab.costs learns about them)."""
+    import torch
+
+    macs, params = costs.measure_total(_Subnet(net, name), input_shape)
+    counted = [m for m in net.modules() if callable(getattr(m, "macs", None))]
+    if not counted:
+        return macs, params
+    extra = [0.0, 0]
+
+    def hook(module, inputs, output):
+        if costs.module_macs(module, inputs, output) == 0:
+            extra[0] += module.macs(inputs, output)
+            extra[1] += module.unhooked_params()
+
+    handles = [m.register_forward_hook(hook) for m in counted]
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(input_shape), skip=name)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return macs + extra[0], params + extra[1]
+
+
 class SubnetCosts:
     """Mixin for an ADN network with ``num_stages`` and ``input_shape``: MACs and parameters of
     every sub-network, measured by running it with dynlab.costs."""
@@ -60,7 +91,7 @@ class SubnetCosts:
     _cost_table: costs.CostTable | None = None
 
     def subnet_cost(self, name: str) -> tuple[float, int]:
-        return costs.measure_total(_Subnet(self, name), self.input_shape)
+        return measure_with_extras(self, name, self.input_shape)
 
     @property
     def cost_table(self) -> costs.CostTable:

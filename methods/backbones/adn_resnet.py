@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
+from methods.backbones.adn_base import SubnetCosts
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -74,7 +74,7 @@ def block_forward(block: nn.Module, x: torch.Tensor, skip_norms: bool) -> torch.
     return block.relu(out + identity)
 
 
-class ADNResNet(nn.Module):
+class ADNResNet(SubnetCosts, nn.Module):
     """ResNet with skippable second halves; attribute names follow torchvision's ResNet."""
 
     def __init__(self, block: str, layers: list[int], num_classes: int, width: int = 64, stem: str = "imagenet",
@@ -107,7 +107,7 @@ class ADNResNet(nn.Module):
             for stage, m in zip(self.stages, self.mandatory):
                 for b in list(stage)[:m]:
                     b.skip_norms = nn.ModuleDict({k: copy.deepcopy(self._norm(b, k)) for k in _norm_names(b)})
-        self._cost_table: costs.CostTable | None = None
+        self._cost_table = None
 
     @staticmethod
     def _norm(block: nn.Module, name: str) -> nn.Module:
@@ -161,30 +161,6 @@ class ADNResNet(nn.Module):
                 if hasattr(b, "skip_norms"):
                     for k in b.skip_norms:
                         b.skip_norms[k].load_state_dict(self._norm(b, k).state_dict())
-
-    def subnet_cost(self, name: str) -> tuple[float, int]:
-        """MACs and parameters of one sub-network, measured by running it (dynlab.costs)."""
-        return costs.measure_total(_Subnet(self, name), self.input_shape)
-
-    @property
-    def cost_table(self) -> costs.CostTable:
-        """One row per sub-network (base-net first, super-net last), measured once on first use."""
-        if self._cost_table is None:
-            names = subnet_names(self.num_stages)
-            rows = [self.subnet_cost(n) for n in names]
-            self._cost_table = costs.CostTable(macs=[r[0] for r in rows], params=[r[1] for r in rows], names=names)
-        return self._cost_table
-
-
-class _Subnet(nn.Module):
-    """The model with a fixed skip pattern, for cost counting."""
-
-    def __init__(self, net: ADNResNet, name: str):
-        super().__init__()
-        self.net, self.name = net, name
-
-    def forward(self, x):
-        return self.net(x, skip=self.name)
 
 
 @dataclass

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer
 
-from dynlab import costs
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, _Subnet, add_skip_norms, skip_norms_in
+from methods.backbones.adn_base import SubnetCosts, add_skip_norms, skip_norms_in
 from methods.backbones.adn_resnet import mandatory_count, parse_skip
 
 
@@ -77,27 +76,6 @@ class ADNSwin(SubnetCosts, SwinTransformer):
         logits = self.head(x)
         return (logits, features) if return_features else logits
 
-    def subnet_cost(self, name: str) -> tuple[float, int]:
-        macs, params = costs.measure_total(_Subnet(self, name), self.input_shape)
-        extra = [0.0, 0]
-
-        def hook(module, inputs, output):
-            if costs.module_macs(module, inputs, output) == 0:  # not already counted by dynlab.costs
-                extra[0] += module.macs(inputs, output)
-                extra[1] += module.unhooked_params()
-
-        handles = [m.register_forward_hook(hook) for m in self.modules() if isinstance(m, CountedWindowAttention)]
-        modes = [(m, m.training) for m in self.modules()]
-        try:
-            self.eval()
-            with torch.no_grad():
-                self(torch.zeros(self.input_shape), skip=name)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mode in modes:
-                m.training = mode
-        return macs + extra[0], params + extra[1]
 
 
 @dataclass
