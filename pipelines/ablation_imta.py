@@ -50,6 +50,7 @@ ROWS = {  # id -> (label, the phase-I row it starts from or None, overrides)
 def trials(cfg) -> list[sweeps.Trial]:
     """All five rows, one per seed; phase-II rows point at their phase-I row's cache entry."""
     common.check_imta(cfg)
+    cfg = common.shared_budgets(cfg)
     out = []
     for seed, suffix in common.seeds(cfg):
         first: dict[str, sweeps.Trial] = {}

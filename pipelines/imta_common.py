@@ -51,6 +51,22 @@ def phase2_overrides(cfg, start: sweeps.Trial, row: dict) -> dict:
     return {"imta.phase": 2, "run.epochs": max(1, round(PHASE2_EPOCHS * cfg.run.epochs)), "run.init_from": init, **ge, **_defaults(cfg, unused), **row}
 
 
+def shared_budgets(cfg):
+    """``cfg`` with explicit eval.budgets when none are given: ``eval.num_budgets`` evenly inside the
+    phase-I network's cost range, which every row's range contains (ISC makes later exits a little
+    dearer). Each trial's own default budgets would differ, and the comparison table would then have
+    a column per trial instead of one per budget."""
+    if cfg.eval.budgets or cfg.eval.num_budgets == 0:
+        return cfg
+    from dynlab import data, registry, steps
+    import torch
+
+    probe = cfg.with_overrides(phase1_overrides(cfg, {}))
+    model = registry.get_method("imta").cls(probe).build_model(data.dataset_info(probe.data))
+    budgets = steps.default_budgets(torch.tensor(model.cost_table.macs), cfg.eval.num_budgets)
+    return cfg.with_overrides({"eval.budgets": [round(b / 1e6, 6) for b in budgets]})
+
+
 def make_trial(cfg, tid: str, label: str, overrides: dict) -> sweeps.Trial:
     c = cfg.with_overrides(overrides)
     return sweeps.Trial(tid, label, overrides, c.to_dict(), c.train_hash())

@@ -42,6 +42,7 @@ def trials(cfg) -> list[sweeps.Trial]:
     """Per seed: the phase-I trial (the baseline row unless sweep.baseline=false), then the same
     phase-II points, all starting from that seed's phase I."""
     common.check_imta(cfg)
+    cfg = common.shared_budgets(cfg)
     space = points(cfg)
     out = []
     for seed, suffix in common.seeds(cfg):

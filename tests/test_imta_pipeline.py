@@ -89,3 +89,16 @@ def test_distillation_sweep_shares_one_phase1():
     assert Path(rnd[5].cfg().run.init_from).name == rnd[4].train_key
     with pytest.raises(ConfigError, match="imta.alpha"):
         sweep.trials(base("sweep.values=[0.5,1.5]"))
+
+
+def test_rows_share_one_set_of_budgets_inside_every_rows_costs():
+    from dynlab import registry
+    from dynlab.data import static_info
+
+    rows = ablation_imta.trials(base("eval.num_budgets=3"))
+    budgets = {tuple(t.cfg().eval.budgets) for t in rows}
+    assert len(budgets) == 1 and len(next(iter(budgets))) == 3  # one column per budget in the comparison
+    p1 = registry.get_method("imta").cls(rows[0].cfg()).build_model(static_info("digits")).cost_table.mmacs
+    lo, hi = p1[0], p1[-1]
+    assert all(lo < b < hi for b in next(iter(budgets)))  # inside phase I's range, hence every row's
+    assert [t.train_key for t in rows] == [t.train_key for t in ablation_imta.trials(base("eval.num_budgets=5"))]
