@@ -22,10 +22,12 @@ the last (which keeps plain CE), teacher ``z_K`` = the last exit, detached. ``kl
 ``batchmean`` (textbook) or ``mean`` (the reference's element-wise mean, also divided by the class
 count). Defaults alpha=0.9, T=1 are the reference's shipped script (its code defaults: 0.1 and 3).
 
-Differences from the reference (kalviny/IMTA), on purpose: frozen phase-I parts stay in eval mode in
-phase II (the reference keeps training-mode BatchNorm, so its "frozen" network's statistics drift);
-the teacher is the last exit of the network being trained (the reference reads the frozen phase-I
-head's logits, the same thing when that head is what phase II keeps).
+``ofa_teacher``: ``last_exit`` (default: the last exit of the network being trained, as the paper
+writes it) or ``phase1`` (phase 2: the frozen phase-I last head on the same features, as the
+reference code does).
+
+Difference from the reference (kalviny/IMTA), on purpose: frozen phase-I parts stay in eval mode in
+phase II (the reference keeps training-mode BatchNorm, so its "frozen" network's statistics drift).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class IMTAConfig:
     alpha: float = bounded(0.9, 0.0, 1.0, help="OFA: weight of CE; 1-alpha weighs the KL term")
     temperature: float = bounded(1.0, 0.0, help="OFA: softmax temperature T > 0")
     kl_reduction: str = choice("batchmean", "batchmean", "mean", help="OFA KL: batchmean (textbook) or mean (reference: element-wise, also / classes)")
+    ofa_teacher: str = choice("last_exit", "last_exit", "phase1", help="OFA teacher: the last exit being trained, or (phase 2) the frozen phase-I last head, as the reference")
     freeze: str = choice("phase1", "phase1", "none", help="phase 2: phase1 = every phase-I parameter frozen (reference); none = fine-tune all")
     classifier_init: str = choice("fresh", "fresh", "phase1", help="phase 2: fresh classifiers (reference), or start from the phase-I Linear (paper: fine-tune the last layer)")
     exit_weights: list[float] = field(default_factory=list, metadata={"help": "loss weight per exit; empty = all 1"})
@@ -66,15 +69,19 @@ class IMTAConfig:
             raise ConfigError(f"{section}.temperature", self.temperature, "a number > 0 (the OFA softmax temperature T)")
         if self.isc and self.phase == 1:
             raise ConfigError(f"{section}.isc", True, f"false with {section}.phase=1 (ISC belongs to the new classifiers of phase 2: set {section}.phase=2 and run.init_from)")
+        if self.ofa_teacher == "phase1" and self.phase == 1:
+            raise ConfigError(f"{section}.ofa_teacher", "phase1", f"last_exit with {section}.phase=1 (the phase-I head is a teacher only in phase 2)")
 
 
 # ---- losses -----------------------------------------------------------------------------------
 
 
-def ofa_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.Tensor, alpha: float, T: float, reduction: str = "batchmean"):
+def ofa_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.Tensor, alpha: float, T: float, reduction: str = "batchmean", teacher_logits: torch.Tensor | None = None):
     """sum_i w_i L_i with L_i = alpha*CE_i + (1-alpha)*T^2*KL(p_K || p_i) for i < K and L_K = CE_K;
-    the teacher p_K = softmax(z_K/T) is detached, so the KD terms send it no gradient."""
-    teacher = F.softmax(outputs[-1].detach().float() / T, dim=1)
+    the teacher p_K = softmax(z_K/T) (z_K: the last exit, or ``teacher_logits``) is detached, so the
+    KD terms send it no gradient."""
+    z_teacher = outputs[-1] if teacher_logits is None else teacher_logits
+    teacher = F.softmax(z_teacher.detach().float() / T, dim=1)
     losses, metrics = [], {}
     for i, o in enumerate(outputs):
         ce = F.cross_entropy(o.float(), targets)
@@ -131,22 +138,29 @@ class IMTANet(nn.Module):
             head.linear.requires_grad_(False)
         self.cost_table = costs.measure_exits(self, input_shape, list(self.classifiers))
 
-    def _classify(self, k: int, head: nn.Module, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        pooled = head.features(x)
+    def _classify(self, k: int, pooled: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         if self.isc is not None and k > 0:
             pooled = torch.cat([pooled, self.isc[k - 1](prev.detach() if self.isc_detach else prev)], dim=1)
         return self.classifiers[k](pooled)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, teacher: bool = False):
+        """Exit logits; with ``teacher`` (phase 2) also the phase-I last head's logits on the same
+        features, detached (the reference code's OFA teacher): ``(logits, teacher_logits)``.
+        A keyword of forward, so that DDP's wrapper runs it."""
         if not self.phase2:
-            return self.backbone(x)
+            return (self.backbone(x), None) if teacher else self.backbone(x)
         out: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
 
         def head_fn(k: int, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            out.append(self._classify(k, head, h, out[-1] if out else None))
+            pooled = head.features(h)
+            if teacher and k == self.num_exits - 1:
+                kept.append(head.linear(pooled).detach())
+            out.append(self._classify(k, pooled, out[-1] if out else None))
             return out[-1]
 
-        return self.backbone.forward_heads(x, head_fn)
+        logits = self.backbone.forward_heads(x, head_fn)
+        return (logits, kept[0]) if teacher else logits
 
     def exit_step(self, state, k: int):
         """Block ``k`` and exit ``k`` only (real early exit); the state carries exit k-1's logits for ISC."""
@@ -154,7 +168,7 @@ class IMTANet(nn.Module):
             return self.backbone.exit_step(state, k)
         inner, prev = (state, None) if k == 0 else state
         inner, head_in = self.backbone.exit_features(inner, k)
-        logits = self._classify(k, self.backbone.heads[k], head_in, prev)
+        logits = self._classify(k, self.backbone.heads[k].features(head_in), prev)
         return (inner, logits), logits
 
     def train(self, mode: bool = True):
@@ -233,12 +247,15 @@ class IMTA(ExitMethod):
 
     def train_step(self, model, batch, backward):
         images, targets = batch
-        outputs = model(images)
+        m = self.mcfg
+        if m.ofa and m.ofa_teacher == "phase1":
+            outputs, teacher = model(images, teacher=True)
+        else:
+            outputs, teacher = model(images), None
         if self._weights is None:  # a method object that did not build this model
             self._set_exits(len(outputs))
-        m = self.mcfg
         if m.ofa:
-            loss, metrics = ofa_loss(outputs, targets, self._weights, m.alpha, m.temperature, m.kl_reduction)
+            loss, metrics = ofa_loss(outputs, targets, self._weights, m.alpha, m.temperature, m.kl_reduction, teacher)
         else:
             loss, metrics = exit_loss(outputs, targets, self._weights)
         backward(loss)

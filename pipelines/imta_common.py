@@ -18,7 +18,7 @@ from dynlab import pipeline, sweeps
 from dynlab.errors import ConfigError
 
 PHASE2_EPOCHS = 0.6  # fraction of run.epochs (IMTA: 180 phase-II epochs after 300 of phase I)
-OFA_KNOBS, ISC_KNOBS = ("alpha", "temperature", "kl_reduction"), ("isc_detach",)
+OFA_KNOBS, ISC_KNOBS = ("alpha", "temperature", "kl_reduction", "ofa_teacher"), ("isc_detach",)
 PHASE2_KNOBS = (*OFA_KNOBS, *ISC_KNOBS, "freeze", "classifier_init")
 GE_KEYS = ("imta.gradient_equilibrium", "imta.gradient_rescale")
 

@@ -219,3 +219,20 @@ def test_phase2_from_a_joint_checkpoint_and_on_ranet(tmp_path):
     # RANet's exits: same per-ISC cost as MSDNet's (128-wide CIFAR heads)
     per_isc = (C * W + W) + W + W * C
     assert [b - a for a, b in zip(joint.cost_table.macs, model.cost_table.macs)] == [k * per_isc for k in range(4)]
+
+
+def test_ofa_teacher_phase1_is_the_frozen_phase_one_head(phase1):
+    folder, p1 = phase1
+    cfg, method, model = phase2(folder, "imta.ofa=true", "imta.ofa_teacher=phase1", "imta.alpha=0.3", "imta.temperature=2")
+    model.train()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    metrics = method.train_step(model, (x, y), lambda loss: None)
+    p1.eval()
+    with torch.no_grad():
+        teacher = p1(x)[-1]  # phase I's own last exit (its BatchNorm frozen, as in the phase-II model)
+        outputs = model(x)
+    expected = _direct_ofa([*(o.double() for o in outputs[:-1]), teacher.double()], y, 0.3, 2.0, False)
+    last_ce = torch.nn.functional.cross_entropy(outputs[-1].double(), y) - torch.nn.functional.cross_entropy(teacher.double(), y)
+    assert metrics["loss"].item() == pytest.approx((expected + last_ce).item(), rel=1e-4)
+    with pytest.raises(ConfigError, match="imta.ofa_teacher"):
+        config.cli_config(["method=imta", "imta.ofa_teacher=phase1"])
