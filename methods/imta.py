@@ -14,6 +14,10 @@ One method, two phases (``imta.phase``):
   the phase-I Linear of its exit (ISC columns at zero), so phase II starts at phase I's predictions;
   ``fresh`` (default) initialises them anew as the reference does.
 
+Gradient Equilibrium makes each block's gradient the average of the exit losses that depend on it
+through the backbone; an ISC path that is not detached (and not frozen behind) adds dependencies GE
+does not count, so with ``isc_detach=false freeze=none`` the average is no longer exact.
+
 ISC: exit i's classifier reads ``cat(pooled_i, ReLU(BN1d(Linear(num_classes -> C_i)(logits_{i-1}))))``;
 ``isc_detach=true`` (paper) stops the gradient along that path, ``false`` follows the reference code.
 
