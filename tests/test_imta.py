@@ -165,12 +165,23 @@ def test_phase2_real_early_exit_matches_forward(phase1):
 
     _, method, model = phase2(phase1[0], "imta.isc=true")
     model.eval()
+    torch.manual_seed(3)
     x = torch.randn(6, 3, 32, 32)
     preds = method.predict(model, x)
     res = early_exit(model, x, torch.zeros(4, dtype=torch.float64))  # threshold 0: all leave at exit 0
     assert torch.equal(res.pred, preds.logits[0].argmax(1))
     res = early_exit(model, x, torch.full((4,), 2.0, dtype=torch.float64))  # nobody confident: last exit
     assert torch.equal(res.pred, preds.logits[-1].argmax(1)) and torch.equal(res.exit, torch.full((6,), 3))
+    # thresholds between the samples' confidences: the engine (ISC state carried along) exits where
+    # the simulated rule does, with the same predictions
+    from dynlab.evaluation import confidence, exit_indices
+
+    conf, pred = confidence(preds.logits)
+    t = conf.median(dim=1).values.double()
+    res = early_exit(model, x, t)
+    want = exit_indices(conf, t)
+    assert torch.equal(res.exit, want) and torch.equal(res.pred, pred[want, torch.arange(6)])
+    assert len(set(want.tolist())) > 1  # samples leave at different exits
 
 
 # ---- bad input -----------------------------------------------------------------------------------
