@@ -26,16 +26,23 @@ from dynlab.registry import get_method, get_preset
 from methods.backbones.dmnn_common import GatedBlock
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def paired_best_times(a, b, repeats: int) -> tuple[float, float]:
+    """Best wall time of ``a`` and of ``b``, measured alternately (a, b, a, b, ...) after a warm-up,
+    so that a burst of load on a shared machine hits both rather than one."""
+    a(), b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        ta.append(_timed(a))
+        tb.append(_timed(b))
+    return min(ta), min(tb)
 
 
 @torch.no_grad()
@@ -70,7 +77,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dmnn-resnet50")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rates", default="0.25,0.5,0.75,1.0", help="gate-open rates to measure")
     args = ap.parse_args(argv)
@@ -89,8 +96,7 @@ def main(argv=None) -> list[dict]:
         with torch.no_grad():
             logits, gates = model.forward_skipping(x)
             masked = model(x)
-            t_masked = best_time(lambda: model(x), args.repeats)
-            t_skip = best_time(lambda: model.forward_skipping(x), args.repeats)
+            t_masked, t_skip = paired_best_times(lambda: model(x), lambda: model.forward_skipping(x), args.repeats)
         same = torch.equal(logits.argmax(1), masked["logits"].argmax(1)) and torch.allclose(logits, masked["logits"], rtol=1e-4, atol=1e-4)
         macs = float(model.executed_macs(gates).mean()) / masked_macs
         rows.append({"rate": float(gates.mean()), "macs": macs, "time": t_skip / t_masked, "same": same})

@@ -94,7 +94,9 @@ class GatedBlock(nn.Module):
         for i, sub in enumerate(self.subs):
             idx = torch.nonzero(gates[:, i] > 0.5).squeeze(1)
             counts.append(int(idx.numel()))
-            if idx.numel():
+            if idx.numel() == x.shape[0]:  # every sample: no gather / scatter copies
+                out.add_(sub(x).to(out.dtype))
+            elif idx.numel():
                 out.index_add_(0, idx, sub(x.index_select(0, idx)).to(out.dtype))
         return self.relu(out), counts
 
