@@ -51,7 +51,7 @@ ROWS = [
     ("train", ["optim.momentum=1.5"], ["'optim.momentum' = 1.5", "<= 1.0"]),
     ("train", ["run.use_gpu=maybe"], ["'run.use_gpu' = 'maybe'", "true or false"]),
     ("train", ["run.amp=fp8"], ["'run.amp' = 'fp8'", "one of none, bf16, fp16"]),
-    ("train", ["method=nosuch"], ["'method' = 'nosuch'", "boostnet, joint"]),
+    ("train", ["method=nosuch"], ["'method' = 'nosuch'", "one of adn, boostnet"]),
     ("train", ["backbone=resnet"], ["'backbone' = 'resnet'", "msdnet, ranet"]),
     ("train", ["preset=msdnet-nope"], ["msdnet-nope", "msdnet-cifar100-b7"]),
     ("train", ["dataset=mnist"], ["'data.name' = 'mnist'", "digits"]),

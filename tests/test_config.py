@@ -30,7 +30,7 @@ def test_overrides_dotted_keys_shortcuts_and_types():
         (["run.amp=fp8"], "run.amp", "one of none, bf16, fp16"),
         (["run.nonsense=1"], "run.nonsense", "a key of 'run'"),
         (["ranet.n_blocks=2"], "ranet.n_blocks", "a known key"),
-        (["method=nosuch"], "method", "one of boostnet, joint"),
+        (["method=nosuch"], "method", "one of adn, boostnet"),
         (["boostnet.temperature=-1"], "boostnet.temperature", ">= 0.0"),
         (["epochs=two"], "run.epochs", "an integer"),
         (["run.use_gpu=maybe"], "run.use_gpu", "true or false"),
