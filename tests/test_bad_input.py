@@ -86,6 +86,8 @@ ROWS = [
     ("train", ["sweep.cache_dir={tmp}/afile/cache"], ["'sweep.cache_dir'", "a writable folder"]),
     ("train", ["run.name=corrupt", "run.storage_path={tmp}/runs"], ["state.pt cannot be read", "use another run.name"]),
     ("train", ["run.name=other-arch", "run.storage_path={tmp}/runs"], ["'run.name' = 'other-arch'", "another architecture"]),
+    ("train", ["run.init_from={tmp}/runs/other-arch/epoch_0000/best.pt"], ["'run.init_from'", "weights of this architecture"]),
+    ("train", ["run.init_from={tmp}/nothing.pt"], ["'run.init_from'", "a readable .pt file"]),
     ("temperature", ["sweep.values=[0.25,0.25]"], ["'sweep.values' = [0.25, 0.25]", "distinct values"]),
     ("temperature", ["sweep.values=[hot,cold]"], ["'sweep.values[0]' = 'hot'", "a number"]),
     ("temperature", ["sweep.values=-1,0.5"], ["'boostnet.temperature' = -1.0", ">= 0.0"]),

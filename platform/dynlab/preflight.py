@@ -157,6 +157,27 @@ def check_checkpoint(cfg, run_dir: Path) -> None:
         raise ConfigError("run.name", cfg.run.name or run_dir.name, f"a new name: {last} holds a checkpoint of another architecture ({len(diff)} tensor(s) differ, e.g. {diff[0]})")
 
 
+def check_init_from(cfg) -> None:
+    """``run.init_from`` weights exist and fit the model, for methods that load them strictly (a
+    method with its own ``load_init``, IMTA's phase II, checks them when its model is built)."""
+    from dynlab import training
+    from dynlab.registry import get_method
+
+    source = cfg.run.init_from
+    method = get_method(cfg.method).cls(cfg)
+    if not source or "://" in source or hasattr(method, "load_init"):
+        return
+    try:
+        saved = training.read_weights(source)
+    except Exception as err:  # noqa: BLE001 - missing or unreadable: the same problem for the user
+        raise ConfigError("run.init_from", source, f"a readable .pt file, or a folder holding {training.BEST_FILE} ({type(err).__name__}: {str(err)[:200]})") from None
+    want = {k: tuple(v.shape) for k, v in method.build_model(data_mod.dataset_info(cfg.data)).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        raise ConfigError("run.init_from", source, f"weights of this architecture ({len(diff)} tensor(s) differ, e.g. {diff[0]})")
+
+
 def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
     """Every check, for every config a pipeline will train; the first problem raises. Cheap checks
     first; none leaves anything behind."""
@@ -168,6 +189,7 @@ def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
         if key not in seen:  # trials differing only in training knobs share these checks
             seen.add(key)
             check_config(cfg)
+        check_init_from(cfg)
     check_resources(cfgs, tune_trials=tune_trials)
     for cfg in cfgs:
         if "://" not in cfg.run.storage_path:  # remote storage: Ray Train restores (and checks) itself
