@@ -75,8 +75,9 @@ PINNED = {
 }
 
 
-def test_every_registered_preset_is_pinned():
-    assert set(registry.PRESETS) == set(PINNED)
+def test_every_registered_early_exit_preset_is_pinned():
+    # DMNN and ADN presets are pinned beside their own tests (test_dmnn_presets, test_adn*)
+    assert {n for n, p in registry.PRESETS.items() if p.backbone in ("msdnet", "ranet")} == set(PINNED)
 
 
 @pytest.mark.parametrize("name", list(PINNED))  # all 14 build in ~6 s on 2 cores, so none is marked slow
