@@ -35,6 +35,8 @@ class DMNNConfig:
     temperature: float = bounded(1.0, 1e-3, help="Gumbel-softmax temperature")
     categories: str = field(default="auto", metadata={"help": "category supervision: auto (CIFAR-100 superclasses; built-in digits / CIFAR-10 groups), none, or a CSV/JSON class->category file"})
     category_weights: list[float] = field(default_factory=list, metadata={"help": "category-loss weight per stage; empty = 1e-4 * 10^stage (paper)"})
+    gate_lr_scale: float = bounded(1.0, 0.0, help="learning rate of the controllers (gate layers) relative to optim.lr")
+    gate_weight_decay: float = bounded(0.0, 0.0, help="weight decay of the controllers (0: gate logits are not pulled towards 'half open')")
 
     def validate(self, section: str) -> None:
         if any(w < 0 for w in self.category_weights):
@@ -63,6 +65,16 @@ class DMNN:
         self.mcfg: DMNNConfig = cfg.method_cfg
         self.category_of: torch.Tensor | None = None  # class -> category
         self.stage_weights: torch.Tensor | None = None  # category-loss weight per block
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The controllers (gate layers) in a group of their own: own learning rate, own weight decay."""
+        gates, rest = [], []
+        for name, p in model.named_parameters():
+            (gates if ".controller." in f".{name}" else rest).append(p)
+        groups = [{"params": rest}]
+        if gates:
+            groups.append({"params": gates, "lr_scale": self.mcfg.gate_lr_scale, "weight_decay": self.mcfg.gate_weight_decay})
+        return groups
 
     def build_model(self, info: DatasetInfo) -> nn.Module:
         model = get_backbone(self.cfg.backbone).build(self.cfg.backbone_cfg, info)

@@ -276,3 +276,20 @@ def test_mobilenetv2_gated_blocks_open_equal_the_dense_network_and_skipping_equa
     assert torch.equal(gates, masked["gates"]) and 0.3 < float(gates.mean()) < 0.7
     torch.testing.assert_close(logits, masked["logits"], rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.tensor(model.last_counts).flatten(), gates.sum(0).long())
+
+
+def test_controllers_get_their_own_learning_rate_and_no_weight_decay():
+    from dynlab import config, data, training
+    from dynlab.registry import get_method
+
+    cfg = config.cli_config(["method=dmnn", "preset=dmnn-resnet-small", "optim.lr=0.1", "optim.weight_decay=1e-4", "dmnn.gate_lr_scale=0.5"])
+    method = get_method("dmnn").cls(cfg)
+    model = method.build_model(data.dataset_info(cfg.data))
+    opt = training.build_optimizer(model, cfg, method)
+    named = {id(p): n for n, p in model.named_parameters()}
+    main, gates = opt.param_groups
+    assert main["lr"] == 0.1 and main["weight_decay"] == 1e-4
+    assert gates["lr"] == 0.05 and gates["weight_decay"] == 0.0
+    assert gates["params"] and all(".controller." in named[id(p)] for p in gates["params"])
+    assert not any(".controller." in named[id(p)] for p in main["params"])
+    assert len(main["params"]) + len(gates["params"]) == len(list(model.parameters()))

@@ -56,9 +56,14 @@ def import_plugins(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, method=None) -> torch.optim.Optimizer:
+    """SGD over the model. A method may split its parameters into groups with their own settings
+    (``method.param_groups(model)`` -> ``[{"params": [...], "lr_scale": 0.1, "weight_decay": 0}, ...]``,
+    e.g. DMNN's gate layers); the schedule then scales every group's learning rate alike."""
     o = cfg.optim
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+    groups = method.param_groups(unwrap(model)) if hasattr(method, "param_groups") else [{"params": list(model.parameters())}]
+    groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": o.lr * g.get("lr_scale", 1.0)} for g in groups]
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
 
 
 def lr_factor(epoch: int, cfg) -> float:
@@ -225,7 +230,7 @@ def setup(payload: dict[str, Any]) -> Loop:
     method = get_method(cfg.method).cls(cfg)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = method.build_model(bundle.info).to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, method)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     amp_dtype = _amp_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
