@@ -69,6 +69,16 @@ def _net(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP wraps the network
 
 
+def ddp_safe(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, plus 0 x every parameter when ``model`` is DDP built without
+    find_unused_parameters: such DDP waits for a gradient of every parameter in each backward,
+    and each ADN pass leaves some unused (super-net: the skip-aware norms; base-net: the skippable
+    halves). The added term changes no gradient; with find_unused_parameters=True it is not added."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters:
+        return loss + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+    return loss
+
+
 @register_method("adn", ADNConfig, backbones=("adn_resnet", "adn_mobilenetv2", "adn_vit", "adn_swin"))
 class ADN:
     """Super-net CE and base-net self-distillation, two backward calls; sub-network predictions."""
@@ -100,12 +110,12 @@ class ADN:
             return self.individual_step(model, images, targets, skip=[self.mcfg.individual == "base"] * stages, backward=backward)
         logits, feats = model(images, skip=[False] * stages, return_features=True)
         loss_super = F.cross_entropy(logits.float(), targets)
-        backward(loss_super)
+        backward(ddp_safe(model, loss_super))
         teacher_logits, teacher_feats = logits.detach(), [f.detach() for f in feats]
 
         base, base_feats = model(images, skip=[True] * stages, return_features=True)
         loss_base = self.base_loss(base, base_feats, teacher_logits, teacher_feats, targets)
-        backward(loss_base)
+        backward(ddp_safe(model, loss_base))
         return {
             "loss": (loss_super + loss_base).detach(),
             "loss_super": loss_super.detach(),
@@ -117,7 +127,7 @@ class ADN:
     def individual_step(self, model, images, targets, skip, backward):
         logits = model(images, skip=skip)
         loss = F.cross_entropy(logits.float(), targets)
-        backward(loss)
+        backward(ddp_safe(model, loss))
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == targets).float().mean().detach() * 100}
 
     def base_loss(self, logits, feats, teacher_logits, teacher_feats, targets) -> torch.Tensor:

@@ -52,18 +52,20 @@ def step_grads(method, model, x, y) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, find_unused: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         method, model = build()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=model.ddp_find_unused_parameters)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
         x, y = batch()
         half = len(x) // world
-        grads = step_grads(method, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        for _ in range(2):  # a second step: DDP without find_unused_parameters fails there if a reduction was left open
+            grads = step_grads(method, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
         if rank == 0:
             torch.save(grads, out)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -74,9 +76,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_backward_step_under_ddp_with_two_cpu_workers_equals_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("find_unused", [True, False], ids=["find_unused", "platform_default"])
+def test_two_backward_step_under_ddp_with_two_cpu_workers_equals_one_process_on_the_whole_batch(tmp_path, find_unused):
+    """find_unused_parameters=True is what ADN asks for; False is what the platform passes today
+    (the step then adds 0 x every parameter, see methods.adn.ddp_safe)."""
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), out, find_unused), nprocs=2, join=True)
     ddp_grads = torch.load(out, weights_only=True)
 
     method, model = build()
