@@ -120,7 +120,7 @@ class DMNN:
     def predict(self, model, images) -> GatedPredictions:
         net = unwrap(model)
         logits, gates = net.forward_skipping(images)
-        return GatedPredictions(logits.float(), net.executed_macs(gates))
+        return GatedPredictions(logits.float(), net.executed_macs(gates), gates.float(), net.n, float(net.dense_macs))
 
     @torch.no_grad()
     def gate_states(self, model, images) -> torch.Tensor:

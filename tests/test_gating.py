@@ -66,3 +66,27 @@ def test_write_report_writes_every_table_and_figure(tmp_path):
     )
     assert all(p.stat().st_size > 0 for p in paths)
     assert pd.read_csv(tmp_path / "gated" / "cost_distribution.csv")["count"].sum() == 4
+
+
+def test_gate_states_survive_the_predictions_table_and_are_logged_with_the_evaluation(in_tmp):
+    from mlflow import MlflowClient
+
+    from dynlab import config, evaluation, steps, tracking
+    from dynlab.predictions import GatedPredictions, concat
+
+    g = torch.Generator().manual_seed(0)
+    gates = (torch.rand(12, 6, generator=g) > 0.5).float()  # 3 blocks x 2 sub-blocks
+    costs = 100.0 + gates @ torch.tensor([10.0, 10.0, 20.0, 20.0, 30.0, 30.0])
+    preds = concat([GatedPredictions(torch.randn(6, 4, generator=g), costs[:6], gates[:6], 2, 220.0), GatedPredictions(torch.randn(6, 4, generator=g), costs[6:], gates[6:], 2, 220.0)])
+    labels = torch.randint(0, 4, (12,), generator=g)
+    frame = evaluation.predictions_frame(preds, labels, "test")
+    back, back_labels = evaluation.frame_to_predictions(frame, "test")
+    assert torch.equal(back.gates, gates) and back.subblocks == 2 and back.full_cost == 220.0
+    assert torch.equal(back.costs, costs.double()) and torch.equal(back_labels, labels)
+
+    cfg = config.cli_config(["method=dmnn", "preset=dmnn-resnet-small"])
+    tables = steps.PredictionTables(frame.iloc[0:0], frame, [])
+    handle = tracking.open_run("gated-test", "r")
+    steps.log_evaluation(handle, cfg, tables, steps.evaluate(cfg, tables))
+    logged = {f.path for f in MlflowClient(handle.uri).list_artifacts(handle.run_id, "evaluation/gated")}
+    assert {"evaluation/gated/execution_rates.csv", "evaluation/gated/cost_distribution.png"} <= logged

@@ -533,7 +533,7 @@ def predictions_frame(preds: Predictions, labels, split: str, indices=None) -> p
     if samples.shape[0] != N:
         raise ValueError(f"indices has {samples.shape[0]} entries for {N} predicted samples")
     conf, pred = confidence(logits)
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "split": split,
             "kind": kind,
@@ -546,6 +546,11 @@ def predictions_frame(preds: Predictions, labels, split: str, indices=None) -> p
             "logits": _list_column(logits.float().reshape(S * N, C).numpy()),
         }
     )
+    if kind == "gated" and preds.gates is not None:  # gate states, for the execution-rate analyses
+        frame["gates"] = _list_column(preds.gates.detach().cpu().float().numpy())
+        frame["subblocks"] = int(preds.subblocks)
+        frame["full_cost"] = float("nan") if preds.full_cost is None else float(preds.full_cost)
+    return frame
 
 
 def frame_to_predictions(df: pd.DataFrame, split: str) -> tuple[Predictions, torch.Tensor]:
@@ -583,7 +588,11 @@ def frame_to_predictions(df: pd.DataFrame, split: str) -> tuple[Predictions, tor
     labels = torch.from_numpy(first["label"].to_numpy(dtype=np.int64).copy())
     logits_t = torch.from_numpy(logits)
     if kind == "gated":
-        return GatedPredictions(logits_t[0], torch.from_numpy(costs[0].copy())), labels
+        if "gates" not in sub or sub["gates"].isna().any():
+            return GatedPredictions(logits_t[0], torch.from_numpy(costs[0].copy())), labels
+        gates = torch.from_numpy(_list_to_matrix(first["gates"]).copy())
+        full = float(first["full_cost"].iloc[0])
+        return GatedPredictions(logits_t[0], torch.from_numpy(costs[0].copy()), gates, int(first["subblocks"].iloc[0]), None if np.isnan(full) else full), labels
     out_costs = torch.from_numpy(costs[:, 0].copy())
     if kind == "exit":
         return ExitPredictions(logits_t, out_costs), labels

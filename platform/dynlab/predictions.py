@@ -59,12 +59,17 @@ class GatedPredictions:
 
     logits: torch.Tensor  # [B, C]
     costs: torch.Tensor  # [B], executed cost of each sample
+    gates: torch.Tensor | None = None  # [B, blocks * subblocks], 0/1, block-major (for execution-rate analyses)
+    subblocks: int = 1  # gates per block
+    full_cost: float | None = None  # the cost with every gate open (the dense network's)
 
     def __post_init__(self):
         if self.logits.dim() != 2:
             raise ValueError(f"GatedPredictions.logits must be [batch, classes], got {tuple(self.logits.shape)}")
         if self.costs.shape != (self.logits.shape[0],):
             raise ValueError(f"GatedPredictions.costs must be [batch]={self.logits.shape[0]}, got {tuple(self.costs.shape)}")
+        if self.gates is not None and (self.gates.dim() != 2 or self.gates.shape[0] != self.logits.shape[0] or self.gates.shape[1] % self.subblocks):
+            raise ValueError(f"GatedPredictions.gates must be [batch={self.logits.shape[0]}, blocks * {self.subblocks}], got {tuple(self.gates.shape)}")
 
 
 Predictions = ExitPredictions | SubnetPredictions | GatedPredictions
@@ -80,5 +85,6 @@ def concat(parts: list[Predictions]) -> Predictions:
     if isinstance(first, SubnetPredictions):
         return SubnetPredictions(torch.cat([p.logits for p in parts], dim=1), first.costs, list(first.names))
     if isinstance(first, GatedPredictions):
-        return GatedPredictions(torch.cat([p.logits for p in parts]), torch.cat([p.costs for p in parts]))
+        gates = torch.cat([p.gates for p in parts]) if first.gates is not None else None
+        return GatedPredictions(torch.cat([p.logits for p in parts]), torch.cat([p.costs for p in parts]), gates, first.subblocks, first.full_cost)
     raise TypeError(f"unknown prediction type {type(first).__name__}")

@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 
 from dynlab import data as data_mod
-from dynlab import evaluation, plots, training
+from dynlab import evaluation, gating, plots, training
 from dynlab.frames import scalar_columns
-from dynlab.predictions import ExitPredictions
+from dynlab.predictions import ExitPredictions, GatedPredictions
 from dynlab.tracking import RunHandle, cost_step
 
 
@@ -108,6 +108,11 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
         if ev.budgeted is not None:
             ev.budgeted.to_parquet(out / "budgeted.parquet", index=False)
             scalar_columns(ev.budgeted).to_csv(out / "budgeted.csv", index=False)
+        test_preds, test_labels = evaluation.frame_to_predictions(tables.test, "test")
+        if isinstance(test_preds, GatedPredictions) and test_preds.gates is not None:  # execution rates, cost distribution
+            gating.write_report(out / "gated", test_preds.gates, test_preds.subblocks, test_labels, test_preds.costs, full=test_preds.full_cost)
+            for f in sorted((out / "gated").iterdir()):
+                handle.log_artifact(f, "evaluation/gated")
         fig = plots.plot_evaluation(ev.anytime, ev.budgeted, out / "curves.png", title=f"{cfg.method} on {cfg.backbone} / {cfg.data.name}")
         for name in ("heldout.parquet", "test.parquet"):
             handle.log_artifact(out / name, "predictions")
