@@ -139,3 +139,19 @@ def test_mean_curve_matches_points_by_key_and_position():
     assert m["mode"].tolist() == ["budget", "pgrid", "pgrid"]
     assert m["test_accuracy"].tolist() == [52.0, 61.0, 75.0] and m["test_cost"].tolist() == [1.0, 2.0, 4.0]
     assert m["test_accuracy_std"].tolist() == pytest.approx([math.sqrt(8), math.sqrt(2), math.sqrt(50)])
+
+
+def test_a_cost_that_differs_between_rows_is_printed_beside_its_accuracy():
+    # gated networks: each trial runs at its own mean executed cost, which the table must show
+    table = pd.DataFrame(
+        {
+            "trial": ["a", "b"], "label": ["rate=0.3", "rate=0.7"], "status": ["ok", "ok"], "n_test": [500, 500],
+            "acc_gated": [60.0, 90.0], "acc_gated_se": [2.19, 1.34], "mmacs_gated": [4.35, 10.4],
+        }
+    )  # fmt: skip
+    text = comparison.format_table(table)
+    header = text.splitlines()[0]
+    assert "gated MMACs" in header
+    assert "4.35" in text.splitlines()[1] and "10.40" in text.splitlines()[2]
+    same = table.assign(mmacs_gated=[5.0, 5.0])
+    assert "MMACs" not in comparison.format_table(same).splitlines()[0]

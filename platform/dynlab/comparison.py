@@ -166,10 +166,16 @@ def format_table(table: pd.DataFrame) -> str:
     ``accuracy ± error`` (binomial SE for one seed, std over seeds for several), ``*`` on the
     entries within noise of the column's best, and two footer lines that say so."""
     summary = summarize(table)
-    acc_cols = accuracy_columns(summary)
-    columns = [_column_cells(summary, c) for c in acc_cols]
+    headers, columns = [], []
+    for c in accuracy_columns(summary):
+        headers.append(_header(c))
+        columns.append(_column_cells(summary, c))
+        cost = summary.get(f"mmacs_{c[len('acc_'):]}") if c.startswith("acc_") else None
+        if cost is not None and cost.nunique(dropna=True) > 1:  # the cost differs between rows (gated networks): show it
+            headers.append(f"{_header(c)} MMACs")
+            columns.append([f"{v:.2f}" if np.isfinite(v) else "-" for v in cost])
     body = [[str(label), str(int(k)), *cells] for label, k, *cells in zip(summary["label"], summary["n_seeds"], *columns)]
-    lines = _align([["label", "seeds", *(_header(c) for c in acc_cols)], *body])
+    lines = _align([["label", "seeds", *headers], *body])
     n = summary["n_test"].dropna()
     size = f"{int(n.max())} test images" if len(n) else "an unknown number of test images"
     lines.append(f"test accuracy % on {size}: ± binomial standard error (1 seed), ± std over seeds (several seeds)")
