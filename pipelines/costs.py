@@ -77,12 +77,23 @@ def report(preset_name: str, backbone: str, cfg, info, table: CostTable) -> dict
     }
 
 
+def _what_rows_are(names: list[str]) -> str:
+    """What a cost table's rows mean, from the names the model gives them."""
+    if names and names[-1] == "dense total":
+        return "per part: fixed, each sub-block, each controller; dense total = fixed + every sub-block; executed = fixed + open sub-blocks + controllers"
+    if names and all(n and set(n) <= {"F", "T"} for n in names):
+        return "per sub-network, one letter per stage: F = whole stage, T = its skippable part skipped"
+    return "cumulative per exit"
+
+
 def format_table(rep: dict[str, Any]) -> str:
     title = rep["preset"] or rep["backbone"]
-    lines = [f"{title}  ({rep['dataset']}, input {'x'.join(map(str, rep['input']))}; cumulative per exit)"]
-    lines.append(f"{'exit':>4}  {'MMACs':>10}  {'params (M)':>10}")
+    names = [row["name"] for row in rep["exits"]]
+    lines = [f"{title}  ({rep['dataset']}, input {'x'.join(map(str, rep['input']))}; {_what_rows_are(names)})"]
+    width = max([4, *(len(n) for n in names)])
+    lines.append(f"{'row':>4}  {'name':<{width}}  {'MMACs':>10}  {'params (M)':>10}")
     for row in rep["exits"]:
-        lines.append(f"{row['exit']:>4}  {row['mmacs']:>10.2f}  {row['mparams']:>10.3f}")
+        lines.append(f"{row['exit']:>4}  {row['name']:<{width}}  {row['mmacs']:>10.2f}  {row['mparams']:>10.3f}")
     return "\n".join(lines)
 
 
