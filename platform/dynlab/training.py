@@ -328,7 +328,7 @@ def make_loaders(loop: Loop):
     if world > 1:
         import ray.train.torch
 
-        loop.model = ray.train.torch.prepare_model(loop.model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
+        loop.model = ray.train.torch.prepare_model(loop.model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": bool(getattr(loop.model, "ddp_find_unused_parameters", False))})  # ADN: a pass leaves some norms unused
     train = loop.bundle.train
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=False)
     loader = DataLoader(train, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.loader_workers, drop_last=len(train) > cfg.data.batch_size * world)
