@@ -40,7 +40,7 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
         assert len(client.get_metric_history(run.info.run_id, "heldout/acc_out1")) == 1  # training curve
         assert len(client.get_metric_history(run.info.run_id, "anytime/test_accuracy")) == 2  # evaluation
         paths = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
-        assert "evaluation/curves.png" in paths and "evaluation/budgeted.parquet" in paths
+        assert {"evaluation/curves.png", "evaluation/budgeted.parquet", "evaluation/thresholds.json"} <= paths
     report = {f.path for f in client.list_artifacts(parent.run_id, "report")}
     assert {"report/comparison.png", "report/comparison.csv", "report/comparison.parquet"} <= report
     assert {f.path for f in client.list_artifacts(parent.run_id, "dag")} == {"dag/graph.txt", "dag/steps.json"}
@@ -51,7 +51,7 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
     out2 = pipeline.run(base, good, again, "sweep-test", "test")
     dag2 = out2["dag"]
     assert out2["trained"] == []
-    assert sorted(dag2.cached) == sorted(f"{s}[{t.id}]" for s in ("predict", "evaluate") for t in good)
+    assert sorted(dag2.cached) == sorted(f"{s}[{t.id}]" for s in ("predict", "calibrate", "evaluate") for t in good)
     assert children(client, again) == []  # no trial ran, so no new child runs
     pd.testing.assert_frame_equal(out2["comparison"], table.iloc[:2].drop(columns=["error"]).assign(error=""), check_like=True, check_dtype=False)
 
@@ -61,8 +61,14 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
     dag3 = out3["dag"]
     assert out3["trained"] == []
     assert sorted(dag3.cached) == ["predict[temperature=0.0]", "predict[temperature=0.5]"]
-    assert sorted(n for n in dag3.ran if n.startswith("evaluate")) == ["evaluate[temperature=0.0]", "evaluate[temperature=0.5]"]
+    assert sorted(n for n in dag3.ran if n.startswith(("calibrate", "evaluate"))) == [f"{s}[temperature={t}]" for s in ("calibrate", "evaluate") for t in ("0.0", "0.5")]
     assert sum(c.startswith("acc@") and not c.endswith("_se") for c in out3["comparison"].columns) == 3  # each with its _se column
+
+    # a knob of evaluation only (BoostNet's flat-curve rule): the thresholds stay cached
+    flat = changed.with_overrides(["eval.flat_curve=true"])
+    dag4 = pipeline.run(flat, sweeps.expand(flat, grid={"boostnet.temperature": [0.0, 0.5]}), tracking.open_run("sweep-test", "fourth"), "sweep-test", "test")["dag"]
+    assert sorted(n for n in dag4.cached if n.startswith("calibrate")) == ["calibrate[temperature=0.0]", "calibrate[temperature=0.5]"]
+    assert sorted(n for n in dag4.ran if n.startswith("evaluate")) == ["evaluate[temperature=0.0]", "evaluate[temperature=0.5]"]
 
 
 @pytest.mark.slow

@@ -16,8 +16,10 @@ whole protocol (requested budgets and/or the reference p-grid) and returns one r
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -396,73 +398,77 @@ def _flatten_curve(frame: pd.DataFrame) -> None:
     frame["test_accuracy"] = flat
 
 
-def budgeted(
-    heldout: ExitPredictions,
-    heldout_labels,
-    test: ExitPredictions,
-    test_labels,
-    budgets: list[float] | None = None,
-    p_grid: bool = True,
-    flat_curve: bool = False,
-) -> pd.DataFrame:
-    """Budgeted-batch evaluation: thresholds calibrated on held-out, applied to test.
-
-    One row per operating point: ``mode`` ("budget" for each requested budget, solved by
-    :func:`solve_q`; "pgrid" for the reference grid p = 1..39, q = p/20), ``q``,
-    ``requested_budget`` (NaN for the grid), ``heldout_accuracy``, ``heldout_cost``,
-    ``test_accuracy``, ``test_cost``, ``thresholds`` (list), ``exit_fraction`` (test, list),
-    ``heldout_exit_fraction`` (list), ``n_heldout`` and ``n_test`` (sample counts, for standard errors). ``flat_curve`` applies BoostNet's rule to ``test_accuracy``
-    and keeps the raw value in ``test_accuracy_raw``.
-    """
+def _check_exits(heldout: ExitPredictions, test: ExitPredictions | None = None) -> torch.Tensor:
+    """The exits' costs [E] (float64), after checking both splits are early-exit predictions of
+    one network."""
     for name, value in (("heldout", heldout), ("test", test)):
-        if not isinstance(value, ExitPredictions):
+        if value is not None and not isinstance(value, ExitPredictions):
             raise TypeError(
                 f"budgeted: {name} is {_type_name(value)}; budgeted-batch evaluation needs ExitPredictions "
                 "(early exits). Use anytime() for SubnetPredictions and GatedPredictions."
             )
     E = heldout.num_outputs
-    if test.num_outputs != E:
-        raise ValueError(f"budgeted: heldout has {E} exits but test has {test.num_outputs}")
     costs = heldout.costs.detach().cpu().double()
-    if not torch.allclose(costs, test.costs.detach().cpu().double()):
-        raise ValueError(f"budgeted: heldout costs {costs.tolist()} differ from test costs {test.costs.tolist()}")
+    if test is not None:
+        if test.num_outputs != E:
+            raise ValueError(f"budgeted: heldout has {E} exits but test has {test.num_outputs}")
+        if not torch.allclose(costs, test.costs.detach().cpu().double()):
+            raise ValueError(f"budgeted: heldout costs {costs.tolist()} differ from test costs {test.costs.tolist()}")
     if bool((costs[1:] < costs[:-1]).any()):
         raise ValueError(f"budgeted: exit costs must be non-decreasing, got {costs.tolist()}")
+    return costs
+
+
+def calibrate_budgets(heldout: ExitPredictions, budgets: list[float] | None = None, p_grid: bool = True) -> pd.DataFrame:
+    """Thresholds from the held-out split alone, one row per operating point: ``mode`` ("budget"
+    for each requested budget, solved by :func:`solve_q`; "pgrid" for the reference grid p = 1..39,
+    q = p/20), ``q``, ``requested_budget`` (NaN for the grid), ``thresholds`` (list [E]; +inf: nobody
+    exits there, the last is -inf: everyone left exits). What :func:`apply_thresholds` and the real
+    early-exit engine consume (saved by :func:`save_thresholds`)."""
+    costs = _check_exits(heldout)
     if budgets is None and not p_grid:
         raise ConfigError("budgets", budgets, "a list of budgets, or p_grid=True")
+    conf_h, _ = confidence(heldout.logits)
+    E = heldout.num_outputs
+    rows = []
+    blocks = []
+    if budgets is not None and len(budgets):
+        b = torch.as_tensor(list(budgets), dtype=torch.float64)
+        q, T = solve_q(conf_h, costs, b)
+        blocks.append(("budget", q, b, T))
+    if p_grid:
+        q = reference_q_grid()
+        blocks.append(("pgrid", q, torch.full_like(q, math.nan), calibrate_many(conf_h, geometric_distribution(q, E))))
+    for mode, q, requested, T in blocks:
+        T = T.detach().cpu().double()
+        rows += [{"mode": mode, "q": float(q[i]), "requested_budget": float(requested[i]), "thresholds": T[i].tolist()} for i in range(q.numel())]
+    return pd.DataFrame(rows, columns=["mode", "q", "requested_budget", "thresholds"])
 
+
+def apply_thresholds(calibration: pd.DataFrame, heldout: ExitPredictions, heldout_labels, test: ExitPredictions, test_labels, flat_curve: bool = False) -> pd.DataFrame:
+    """Every operating point of ``calibration`` (:func:`calibrate_budgets`) on both splits: the budgeted
+    table of :func:`budgeted`."""
+    costs = _check_exits(heldout, test)
     conf_h, pred_h = confidence(heldout.logits)
     conf_t, pred_t = confidence(test.logits)
     labels_h = _as_labels(heldout_labels, conf_h.shape[1], conf_h.device)
     labels_t = _as_labels(test_labels, conf_t.shape[1], conf_t.device)
-
-    blocks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # mode, q, requested, T
-    if budgets is not None:
-        b = torch.as_tensor(list(budgets), dtype=torch.float64)
-        if b.numel():
-            q, T = solve_q(conf_h, costs, b)
-            blocks.append(("budget", q, b, T))
-    if p_grid:
-        q = reference_q_grid()
-        T = calibrate_many(conf_h, geometric_distribution(q, E))
-        blocks.append(("pgrid", q, torch.full_like(q, math.nan), T))
-
     rows = []
-    for mode, q, requested, T in blocks:
-        acc_h, cost_h, frac_h = budget_point(conf_h, pred_h, labels_h, costs, T)
+    if len(calibration):
+        T = torch.tensor(np.stack(calibration["thresholds"].map(np.asarray).to_list()), dtype=torch.float64)
+        acc_h, cost_h, frac_h = budget_point(conf_h, pred_h, labels_h, costs, T.to(conf_h.device))
         acc_t, cost_t, frac_t = budget_point(conf_t, pred_t, labels_t, costs, T.to(conf_t.device))
-        T_cpu = T.detach().cpu().double()
-        for i in range(q.numel()):
+        for i, c in enumerate(calibration.itertuples(index=False)):
             rows.append(
                 {
-                    "mode": mode,
-                    "q": float(q[i]),
-                    "requested_budget": float(requested[i]),
+                    "mode": c.mode,
+                    "q": float(c.q),
+                    "requested_budget": float(c.requested_budget),
                     "heldout_accuracy": float(acc_h[i]),
                     "heldout_cost": float(cost_h[i]),
                     "test_accuracy": float(acc_t[i]),
                     "test_cost": float(cost_t[i]),
-                    "thresholds": T_cpu[i].tolist(),
+                    "thresholds": T[i].tolist(),
                     "exit_fraction": frac_t[i].tolist(),
                     "heldout_exit_fraction": frac_h[i].tolist(),
                     "n_heldout": int(labels_h.numel()),
@@ -473,6 +479,46 @@ def budgeted(
     if flat_curve and len(frame):
         _flatten_curve(frame)
     return frame
+
+
+def budgeted(
+    heldout: ExitPredictions,
+    heldout_labels,
+    test: ExitPredictions,
+    test_labels,
+    budgets: list[float] | None = None,
+    p_grid: bool = True,
+    flat_curve: bool = False,
+) -> pd.DataFrame:
+    """Budgeted-batch evaluation: thresholds calibrated on held-out (:func:`calibrate_budgets`), applied to
+    both splits (:func:`apply_thresholds`).
+
+    One row per operating point: ``mode``, ``q``, ``requested_budget`` (NaN for the grid),
+    ``heldout_accuracy``, ``heldout_cost``, ``test_accuracy``, ``test_cost``, ``thresholds`` (list),
+    ``exit_fraction`` (test, list), ``heldout_exit_fraction`` (list), ``n_heldout`` and ``n_test``
+    (sample counts, for standard errors). ``flat_curve`` applies BoostNet's rule to
+    ``test_accuracy`` and keeps the raw value in ``test_accuracy_raw``.
+    """
+    _check_exits(heldout, test)
+    return apply_thresholds(calibrate_budgets(heldout, budgets, p_grid), heldout, heldout_labels, test, test_labels, flat_curve)
+
+
+def save_thresholds(calibration: pd.DataFrame, path) -> Path:
+    """The calibration as JSON, one object per operating point; infinite thresholds as the strings
+    "inf" / "-inf" (JSON has no infinity)."""
+    rows = [{**r, "requested_budget": None if math.isnan(r["requested_budget"]) else r["requested_budget"], "thresholds": [t if math.isfinite(t) else ("inf" if t > 0 else "-inf") for t in r["thresholds"]]} for r in calibration.to_dict("records")]
+    path = Path(path)
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def load_thresholds(path) -> pd.DataFrame:
+    """:func:`save_thresholds` output back as a calibration table (thresholds float64 lists)."""
+    rows = json.loads(Path(path).read_text())
+    for r in rows:
+        r["requested_budget"] = math.nan if r["requested_budget"] is None else float(r["requested_budget"])
+        r["thresholds"] = [float(t) for t in r["thresholds"]]
+    return pd.DataFrame(rows, columns=["mode", "q", "requested_budget", "thresholds"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The sweep pipeline every ablation shares, as a DAG of cached steps:
 
     sweep (Ray Tune; every trial trained by Ray Train)
-      -> predict[trial] -> evaluate[trial]   (Ray tasks; one pair per trial)
+      -> predict[trial] -> calibrate[trial] -> evaluate[trial]   (Ray tasks, per trial)
       -> report                              (overlay figure, comparison tables with their noise, in the parent run)
 
 MLflow layout: one experiment per pipeline, a parent run per invocation (the DAG graph and step
@@ -22,7 +22,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from dynlab import config as config_mod
-from dynlab import comparison, dag, plots, steps, sweeps, tracking, training
+from dynlab import comparison, dag, evaluation, plots, steps, sweeps, tracking, training
 from dynlab.config import NOT_TRAINING
 
 
@@ -62,14 +62,29 @@ def predict_step(ctx: dag.StepContext, trained: dict) -> dict:
     return {"status": "ok", "heldout": str(ctx.out_dir / "heldout.parquet"), "test": str(ctx.out_dir / "test.parquet"), "indices": str(ctx.out_dir / "heldout_indices.json")}
 
 
-def evaluate_step(ctx: dag.StepContext, trained: dict, predictions: dict) -> dict:
-    """Anytime and budgeted evaluation; logged into the trial's child run (once: cached afterwards)."""
+def calibrate_step(ctx: dag.StepContext, predictions: dict) -> dict:
+    """Thresholds per budget from the held-out predictions, as ``thresholds.json`` (one row per
+    operating point): what evaluation and the real early-exit engine consume."""
+    if predictions["status"] != "ok":
+        return {"status": predictions["status"], "error": predictions.get("error", "")}
+    training.import_plugins(ctx.config["plugins"])
+    cfg = config_mod.from_dict(ctx.config["config"])
+    calibration = steps.calibrate(cfg, _tables(predictions["heldout"], predictions["test"], predictions["indices"]))
+    if calibration is None:  # anytime only
+        return {"status": "ok"}
+    return {"status": "ok", "thresholds": str(evaluation.save_thresholds(calibration, ctx.out_dir / "thresholds.json"))}
+
+
+def evaluate_step(ctx: dag.StepContext, trained: dict, predictions: dict, calibration: dict) -> dict:
+    """Anytime and budgeted evaluation (the calibrate step's thresholds applied to held-out and
+    test); logged into the trial's child run (once: cached afterwards)."""
     if predictions["status"] != "ok":
         return {"status": predictions["status"], "error": predictions.get("error", "")}
     training.import_plugins(ctx.config["plugins"])
     cfg = config_mod.from_dict(ctx.config["config"])
     tables = _tables(predictions["heldout"], predictions["test"], predictions["indices"])
-    ev = steps.evaluate(cfg, tables)
+    thresholds = evaluation.load_thresholds(calibration["thresholds"]) if "thresholds" in calibration else None
+    ev = steps.evaluate(cfg, tables, thresholds) if thresholds is not None else steps.evaluate(cfg, _without_heldout(tables))
     ev.anytime.to_parquet(ctx.out_dir / "anytime.parquet", index=False)
     out = {"status": "ok", "anytime": str(ctx.out_dir / "anytime.parquet")}
     if ev.budgeted is not None:
@@ -78,6 +93,11 @@ def evaluate_step(ctx: dag.StepContext, trained: dict, predictions: dict) -> dic
     child = tracking.RunHandle(ctx.config["tracking_uri"], trained["run_id"], ctx.config["experiment_id"])
     steps.log_evaluation(child, cfg, tables, ev, trained["checkpoint_dir"])
     return out
+
+
+def _without_heldout(tables: steps.PredictionTables) -> steps.PredictionTables:
+    """The calibrate step found nothing to calibrate: evaluation must not calibrate by itself."""
+    return steps.PredictionTables(tables.heldout.iloc[0:0], tables.test, tables.heldout_indices)
 
 
 _SEED_SUFFIX = re.compile(r"-seed(\d+)$")
@@ -159,7 +179,9 @@ def build(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.
         predict_cfg = {"config": cfg.hashed_dict(exclude=NOT_TRAINING), **common}
         eval_cfg = {"config": cfg.hashed_dict(), "tracking_uri": parent.uri, "experiment_id": parent.experiment_id, **common}
         out.append(dag.Step(f"predict[{t.id}]", predict_step, config=predict_cfg, inputs={"trained": ("sweep", t.id)}, resources={"num_cpus": 1, "num_gpus": gpu}))
-        out.append(dag.Step(f"evaluate[{t.id}]", evaluate_step, config=eval_cfg, inputs={"trained": ("sweep", t.id), "predictions": f"predict[{t.id}]"}, resources={"num_cpus": 0.5}))
+        calib_cfg = {"config": cfg.hashed_dict(exclude=("sweep", "eval.flat_curve")), **common}  # what the thresholds depend on
+        out.append(dag.Step(f"calibrate[{t.id}]", calibrate_step, config=calib_cfg, inputs={"predictions": f"predict[{t.id}]"}, resources={"num_cpus": 0.5}))
+        out.append(dag.Step(f"evaluate[{t.id}]", evaluate_step, config=eval_cfg, inputs={"trained": ("sweep", t.id), "predictions": f"predict[{t.id}]", "calibration": f"calibrate[{t.id}]"}, resources={"num_cpus": 0.5}))
         evals[t.id] = f"evaluate[{t.id}]"
     arg = {f"e{i}": name for i, name in enumerate(evals.values())}
     out.append(

@@ -73,18 +73,32 @@ def default_budgets(costs: torch.Tensor, n: int) -> list[float]:
     return [lo + (hi - lo) * (i + 1) / (n + 1) for i in range(n)]
 
 
-def evaluate(cfg, tables: PredictionTables) -> Evaluation:
-    """Anytime table on test; budgeted batch (thresholds from held-out, applied to test)."""
+def calibrate(cfg, tables: PredictionTables) -> pd.DataFrame | None:
+    """Thresholds per operating point from the held-out split (the requested budgets, else
+    ``eval.num_budgets`` evenly spaced ones, plus the reference p-grid), or None when there is
+    nothing to calibrate: not an early-exit network, no held-out split, or no budgets asked for."""
+    if tables.heldout.empty:
+        return None
+    heldout, _ = evaluation.frame_to_predictions(tables.heldout, "heldout")
+    if not isinstance(heldout, ExitPredictions):
+        return None
+    budgets = [b * 1e6 for b in cfg.eval.budgets] or default_budgets(heldout.costs, cfg.eval.num_budgets)
+    if not (budgets or cfg.eval.p_grid):
+        return None
+    return evaluation.calibrate_budgets(heldout, budgets or None, p_grid=cfg.eval.p_grid)
+
+
+def evaluate(cfg, tables: PredictionTables, calibration: pd.DataFrame | None = None) -> Evaluation:
+    """Anytime table on test; budgeted batch: the thresholds of ``calibration`` (default: calibrated
+    here, :func:`calibrate`) applied to held-out and test."""
     test, test_labels = evaluation.frame_to_predictions(tables.test, "test")
     any_df = evaluation.anytime(test, test_labels)
-    if not isinstance(test, ExitPredictions):
-        return Evaluation(any_df, None)
-    budgets = [b * 1e6 for b in cfg.eval.budgets] or default_budgets(test.costs, cfg.eval.num_budgets)
-    if tables.heldout.empty or not (budgets or cfg.eval.p_grid):
-        return Evaluation(any_df, None)  # anytime only: no held-out split, or no budgets asked for
+    if calibration is None:
+        calibration = calibrate(cfg, tables)
+    if calibration is None or not isinstance(test, ExitPredictions):
+        return Evaluation(any_df, None)  # anytime only
     heldout, heldout_labels = evaluation.frame_to_predictions(tables.heldout, "heldout")
-    budget_df = evaluation.budgeted(heldout, heldout_labels, test, test_labels, budgets=budgets or None, p_grid=cfg.eval.p_grid, flat_curve=cfg.eval.flat_curve)
-    return Evaluation(any_df, budget_df)
+    return Evaluation(any_df, evaluation.apply_thresholds(calibration, heldout, heldout_labels, test, test_labels, flat_curve=cfg.eval.flat_curve))
 
 
 def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:
@@ -106,6 +120,7 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
         ev.anytime.to_parquet(out / "anytime.parquet", index=False)
         ev.anytime.to_csv(out / "anytime.csv", index=False)
         if ev.budgeted is not None:
+            evaluation.save_thresholds(ev.budgeted[["mode", "q", "requested_budget", "thresholds"]], out / "thresholds.json")
             ev.budgeted.to_parquet(out / "budgeted.parquet", index=False)
             scalar_columns(ev.budgeted).to_csv(out / "budgeted.csv", index=False)
         test_preds, test_labels = evaluation.frame_to_predictions(tables.test, "test")
@@ -117,7 +132,7 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
         for name in ("heldout.parquet", "test.parquet"):
             handle.log_artifact(out / name, "predictions")
         handle.log_artifact(out / "heldout_indices.json", "data")
-        for name in ("anytime.parquet", "anytime.csv", "budgeted.parquet", "budgeted.csv"):
+        for name in ("anytime.parquet", "anytime.csv", "budgeted.parquet", "budgeted.csv", "thresholds.json"):
             if (out / name).exists():
                 handle.log_artifact(out / name, "evaluation")
         handle.log_artifact(fig, "evaluation")
