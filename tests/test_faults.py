@@ -250,7 +250,7 @@ def train_worker_node(workers) -> object | None:
 @pytest.mark.slow
 def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, two_node_cluster):
     cluster, workers = two_node_cluster
-    epochs = 3
+    epochs = 8  # about a second each: leaves the node remover a window after the first checkpoint
     base = config.cli_config([*TINY, f"epochs={epochs}", f"run.storage_path={in_tmp / 'shared'}", "sweep.trial_cpus=1"])
     (trial,) = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
     parent = tracking.open_run("node-loss", "sweep")
