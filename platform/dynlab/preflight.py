@@ -131,6 +131,13 @@ def check_config(cfg) -> None:
     steps.check_model(cfg, info)
 
 
+def _differing_tensors(model, saved: dict) -> list[str]:
+    """Names of the tensors that a saved state dict lacks, adds or shapes differently from ``model``'s."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    return sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+
+
 def check_checkpoint(cfg, run_dir: Path) -> None:
     """A run restarted under a name that already has checkpoints resumes from the newest one: that
     checkpoint must be readable and of this architecture, or the run would fail (or worse, resume
@@ -149,11 +156,8 @@ def check_checkpoint(cfg, run_dir: Path) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise DataError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}): delete {last} to resume from the checkpoint before it, or use another run.name") from None
-    model = get_method(cfg.method).cls(cfg).build_model(data_mod.dataset_info(cfg.data))
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in saved.items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+    diff = _differing_tensors(get_method(cfg.method).cls(cfg).build_model(data_mod.dataset_info(cfg.data)), saved)
+    if diff:
         raise ConfigError("run.name", cfg.run.name or run_dir.name, f"a new name: {last} holds a checkpoint of another architecture ({len(diff)} tensor(s) differ, e.g. {diff[0]})")
 
 
@@ -171,10 +175,8 @@ def check_init_from(cfg) -> None:
         saved = training.read_weights(source)
     except Exception as err:  # noqa: BLE001 - missing or unreadable: the same problem for the user
         raise ConfigError("run.init_from", source, f"a readable .pt file, or a folder holding {training.BEST_FILE} ({type(err).__name__}: {str(err)[:200]})") from None
-    want = {k: tuple(v.shape) for k, v in method.build_model(data_mod.dataset_info(cfg.data)).state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in saved.items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+    diff = _differing_tensors(method.build_model(data_mod.dataset_info(cfg.data)), saved)
+    if diff:
         raise ConfigError("run.init_from", source, f"weights of this architecture ({len(diff)} tensor(s) differ, e.g. {diff[0]})")
 
 
