@@ -219,18 +219,19 @@ def test_metrics_logged_while_the_server_is_unreachable_are_buffered_and_sent_la
 
 
 @pytest.fixture
-def two_node_cluster():
-    """A head and two worker nodes of 1 CPU each, all on this machine (shared storage: a local
-    folder). A trial holds 1 CPU (sweep.trial_cpus=1) and its Train worker another, so the worker
-    never shares a node with the trial and its Train controller (pinned to the trial's node):
-    removing the worker's node is a node loss the trial must survive."""
+def worker_nodes_cluster():
+    """A head without CPUs and three worker nodes of 1 CPU each, all on this machine (shared
+    storage: a local folder). A trial holds 1 CPU (sweep.trial_cpus=1) and its Train worker
+    another, so the worker never shares a node with the trial and its Train controller (pinned to
+    the trial's node), and never sits on the head (which cannot be removed): removing the worker's
+    node is a node loss the trial must survive, on the third node."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1}})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     yield cluster, workers
@@ -248,8 +249,8 @@ def train_worker_node(workers) -> object | None:
 
 
 @pytest.mark.slow
-def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, two_node_cluster):
-    cluster, workers = two_node_cluster
+def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, worker_nodes_cluster):
+    cluster, workers = worker_nodes_cluster
     epochs = 8  # about a second each: leaves the node remover a window after the first checkpoint
     base = config.cli_config([*TINY, f"epochs={epochs}", f"run.storage_path={in_tmp / 'shared'}", "sweep.trial_cpus=1"])
     (trial,) = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
