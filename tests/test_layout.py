@@ -44,4 +44,4 @@ def test_cluster_yaml_is_a_valid_ray_cluster_launcher_config():
     validate_config(prepare_config(cfg))  # Ray's own schema; raises on a bad field
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # nothing on a public address
-    assert "RAY_AUTH_MODE=token" in head
+    assert "RAY_AUTH_MODE=token" in " ".join(cfg["setup_commands"])  # sourced before every `ray start` (tests/test_cluster_yaml.py runs them)
