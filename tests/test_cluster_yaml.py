@@ -62,7 +62,7 @@ def start_commands(key: str) -> list[str]:
 def localize(cmd: str, ports: dict[str, int], efs: Path) -> str:
     """``cmd`` for this machine: this venv's executables, free ports for the cluster's, the head's
     private address 127.0.0.1, EFS a folder of the test's."""
-    cmd = cmd.replace("~/venv/bin/", f"{BIN}/").replace(HEAD_PRIVATE_IP, "127.0.0.1").replace("/mnt/efs", str(efs))
+    cmd = cmd.replace("~/venv/bin", str(BIN)).replace(HEAD_PRIVATE_IP, "127.0.0.1").replace("/mnt/efs", str(efs))
     cmd = cmd.replace(" --autoscaling-config=~/ray_bootstrap_config.yaml", "")  # written by `ray up`; no autoscaler here
     for port, free in ports.items():
         cmd = re.sub(rf"\b{port}\b", str(free), cmd)
@@ -81,6 +81,7 @@ def node_env(home: Path, resources: dict, head_ip: str | None = None, **extra: s
     """The environment the launcher gives a node's commands: HOME, the node type's resources, and
     on workers the head's address; nothing of this test's own Ray, MLflow or dynlab settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DYNLAB_", "MLFLOW_"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN)  # the node's settings add it
     env |= {"HOME": str(home), "RAY_OVERRIDE_RESOURCES": json.dumps(resources, separators=(",", ":")), "RAY_USAGE_STATS_ENABLED": "0", **extra}
     if head_ip:
         env["RAY_HEAD_IP"] = head_ip
@@ -146,7 +147,8 @@ while len(alive := [n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotoni
 
 @ray.remote(num_cpus=0)
 def settings(keys):
-    return {k: os.environ.get(k) for k in keys}
+    import shutil
+    return {k: os.environ.get(k) for k in keys} | {"python": shutil.which("python")}
 
 on = lambda n: settings.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sys.argv[2].split(","))
 print("RESULT", json.dumps([{"resources": n["Resources"], "env": ray.get(on(n), timeout=120)} for n in alive]))
@@ -214,6 +216,7 @@ def test_cluster_yaml_starts_a_token_authenticated_cluster_and_refuses_nodes_wit
             "DYNLAB_STEP_CACHE": f"{efs}/dynlab/cache",
             "DYNLAB_SHARED_FS": str(efs),
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[5000]}",  # the head's private address
+            "python": str(BIN / "python"),  # `python -m pipelines.x` in a job is the venv's
         }
         assert [n["env"] for n in found] == [expected, expected]
     finally:
