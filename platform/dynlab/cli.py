@@ -13,7 +13,7 @@ import typing
 from typing import Callable
 
 from dynlab import config as config_mod
-from dynlab import cluster, preflight, registry, tracking
+from dynlab import cluster, preflight, registry, storage, tracking
 from dynlab.dag import StepFailed
 from dynlab.errors import DynlabError, input_error
 
@@ -87,6 +87,7 @@ def main(
         return 130
     except TrialsFailed as err:
         report(out, handle, uri, name, finished=False)
+        print(storage.results_line(cfg, handle.run_id, uri, out.get("figure")), flush=True)
         print(f"error: {err}")
         print(f"[dynlab] MLflow run {handle.run_id} marked FAILED; run the same command again to retry the failed trials (finished ones are cached)")
         return 1
@@ -100,6 +101,7 @@ def main(
     finally:
         cluster.stop_if_started()
     report(out, handle, uri, name)
+    print(storage.results_line(cfg, handle.run_id, uri, out.get("figure")), flush=True)
     return 0
 
 

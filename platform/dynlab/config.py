@@ -50,7 +50,7 @@ class RunConfig:
     max_failures: int = bounded(3, 0, help="worker-group restarts (from the last checkpoint) before the run fails")
     select: str = choice("best", "best", "last", help="model selection: best held-out accuracy, or last epoch")
     grad_clip: float = bounded(0.0, 0.0, help="max gradient norm; 0 disables")
-    storage_path: str = field(default="", metadata={"hash": False, "help": "Ray Train storage; default ./dynlab_runs"})
+    storage_path: str = field(default="", metadata={"hash": False, "help": "Ray Train storage (a folder, or s3://bucket/path); default $DYNLAB_STORAGE, else ~/dynlab_runs under a Ray job, else ./dynlab_runs"})
     predict_batches: int = bounded(0, 0, help="limit batches when predicting (0 = all); for smoke tests")
     init_from: str = field(default="", metadata={"help": "start from these weights (a .pt file, or a folder holding best.pt) before epoch 0; a resumed run ignores it"})
     wait_for_resources: bool = field(default=False, metadata={"hash": False, "help": "wait for workers the cluster does not have yet (autoscaling); default: fail at once"})
@@ -103,7 +103,7 @@ class SweepConfig:
     trial_cpus: float = bounded(0.05, 0.01, help="CPUs held by each trial's driver (its workers ask for their own)")
     asha: bool = field(default=False, metadata={"help": "stop weak trials early (ASHA on held-out accuracy)"})
     grace_period: int = bounded(1, 1, help="epochs before ASHA may stop a trial")
-    cache_dir: str = field(default="", metadata={"hash": False, "help": "step cache; default <run.storage_path or ./dynlab_runs>/cache"})
+    cache_dir: str = field(default="", metadata={"hash": False, "help": "step cache (a folder; shared by every node on a cluster); default $DYNLAB_STEP_CACHE, else <run.storage_path>/cache"})
 
 
 SHORTCUTS = {

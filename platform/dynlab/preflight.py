@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dynlab import data as data_mod
+from dynlab import storage as storage_mod
 from dynlab.errors import ConfigError
 
 TRACKING_TIMEOUT = 5.0  # seconds to reach an MLflow server before giving up
@@ -66,15 +67,36 @@ def writable_folder(key: str, folder: Path, shown=None) -> None:
                     p.rmdir()
 
 
-def check_storage(cfg) -> None:
-    """``run.storage_path`` (checkpoints) and the step cache are writable, when they are local."""
-    from dynlab import sweeps, training
+def check_storage(cfg, nodes: int = 1, step_cache: bool = True) -> None:
+    """``run.storage_path`` (checkpoints) and the step cache (``step_cache``: the pipeline has one)
+    are usable: a local folder writable, outside Ray's session folder (deleted when the head
+    restarts) and, on a cluster of ``nodes`` > 1 nodes, on a file system every node sees; a URI
+    reachable now (a probe object written and deleted, in seconds)."""
+    storage = storage_mod.storage_path(cfg)
+    key, given = storage_mod.storage_source(cfg)
+    shown = given or storage
+    if storage_mod.is_remote(storage):
+        reason = storage_mod.check_reachable(storage)
+        if reason is not None:
+            raise ConfigError(key, shown, f"a storage URI this cluster can reach ({reason}): check the bucket name, the credentials and the endpoint (AWS_ENDPOINT_URL)")
+    else:
+        check_local_location(key, shown, storage, nodes, f"an s3:// (or gs://) URI, or a folder on a file system every node mounts; set it per run (run.storage_path=...) or for the cluster (${storage_mod.STORAGE_ENV})")
+        writable_folder(key, Path(storage), shown)
+    if not step_cache and storage_mod.cache_source(cfg) is None:
+        return
+    cache = storage_mod.cache_path(cfg)
+    key, given = storage_mod.cache_source(cfg) or ("sweep.cache_dir", "")
+    shown = given or str(cache)
+    check_local_location(key, shown, str(cache), nodes, f"a folder on a file system every node mounts (Ray tasks on every node read and write the step cache); set it per run (sweep.cache_dir=...) or for the cluster (${storage_mod.STEP_CACHE_ENV})")
+    writable_folder(key, cache, shown)
 
-    storage = training.storage_path(cfg)
-    if "://" not in storage:
-        writable_folder("run.storage_path", Path(storage), cfg.run.storage_path or storage)
-    cache = sweeps.cache_root(cfg)
-    writable_folder("sweep.cache_dir", cache, cfg.sweep.cache_dir or cache)
+
+def check_local_location(key: str, shown, path: str, nodes: int, fix: str) -> None:
+    """A local folder that outlives Ray's session and, on a multi-node cluster, is declared shared."""
+    if storage_mod.in_ray_session(path):
+        raise ConfigError(key, shown, f"a folder outside Ray's session folder ({path} is deleted when the Ray head restarts): {fix}")
+    if nodes > 1 and not storage_mod.is_shared(path):
+        raise ConfigError(key, shown, f"a location every node of the {nodes}-node Ray cluster sees (the local folder {path} is on this node only): {fix}; a folder already on a shared mount is declared with ${storage_mod.SHARED_FS_ENV}=<mount point>")
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -192,12 +214,21 @@ def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
             seen.add(key)
             check_config(cfg)
         check_init_from(cfg)
-    check_resources(cfgs, tune_trials=tune_trials)
+    nodes = cluster_nodes()
+    check_resources(cfgs, nodes, tune_trials=tune_trials)
     for cfg in cfgs:
-        if "://" not in cfg.run.storage_path:  # remote storage: Ray Train restores (and checks) itself
+        if not storage_mod.is_remote(storage_mod.storage_path(cfg)):  # remote storage: Ray Train restores (and checks) itself
             check_checkpoint(cfg, resume_folder(cfg, tune_trials))
     for cfg in {(c.run.storage_path, c.sweep.cache_dir): c for c in cfgs}.values():
-        check_storage(cfg)
+        check_storage(cfg, storage_nodes(cfgs, nodes), step_cache=tune_trials)
+
+
+def storage_nodes(cfgs: list, nodes: list[dict[str, float]]) -> int:
+    """How many nodes must see the storage: the alive ones, and at least 2 on a cluster that adds
+    nodes on demand (``run.wait_for_resources=true`` with ``RAY_ADDRESS``): trials land on nodes not
+    up yet."""
+    autoscaling = bool(os.environ.get("RAY_ADDRESS")) and any(c.run.wait_for_resources for c in cfgs)
+    return max(len(nodes), 2 if autoscaling else 1)
 
 
 def resume_folder(cfg, tune_trials: bool) -> Path:

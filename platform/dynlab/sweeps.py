@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from dynlab import config as config_mod
+from dynlab import storage as storage_mod
 from dynlab import tracking, training
 from dynlab.errors import ConfigError, input_error
 
@@ -98,12 +99,8 @@ def expand(
 
 
 def cache_root(cfg: config_mod.Config) -> Path:
-    if cfg.sweep.cache_dir:
-        return Path(cfg.sweep.cache_dir).expanduser().resolve()
-    storage = training.storage_path(cfg)
-    if "://" in storage:
-        raise ConfigError("sweep.cache_dir", cfg.sweep.cache_dir, f"a local or shared folder, since run.storage_path={storage!r} is remote")
-    return Path(storage) / "cache"
+    """The step cache: ``sweep.cache_dir``, ``$DYNLAB_STEP_CACHE``, else ``<local storage>/cache``."""
+    return storage_mod.cache_path(cfg)
 
 
 def cached_training(cache: Path, train_key: str) -> dict | None:
@@ -118,12 +115,11 @@ def cached_training(cache: Path, train_key: str) -> dict | None:
 
 def publish_training(cache: Path, train_key: str, checkpoint_dir: str, result: dict) -> dict:
     """Copy the selected weights and config into the cache, atomically (result.json written last,
-    then the folder renamed into place)."""
+    then the folder renamed into place). ``checkpoint_dir`` is a folder or, on remote storage, a URI."""
     final = cache / TRAIN_CACHE / train_key
     tmp = cache / ".tmp" / f"{train_key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    for name in (training.BEST_FILE, "config.yaml"):
-        shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
+    storage_mod.copy_files(checkpoint_dir, tmp, (training.BEST_FILE, "config.yaml"))
     (tmp / RESULT_FILE).write_text(json.dumps(result, indent=1, default=str))
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -164,6 +160,14 @@ def train_run_name(experiment: str, train_key: str) -> str:
     return f"{experiment}-{train_key}"
 
 
+def _latest_checkpoint(storage: str, name: str) -> str | None:
+    """The newest complete checkpoint of a Train run, a folder or (remote storage) a URI."""
+    if storage_mod.is_remote(storage):
+        return storage_mod.latest_checkpoint(storage_mod.join(storage, name), training.CHECKPOINT_FILES)
+    last = training.latest_checkpoint(Path(storage) / name)
+    return str(last) if last else None
+
+
 def finish_stopped_trials(trials: list[Trial], parent: tracking.RunHandle, experiment: str, storage: str, cache: Path) -> None:
     """After Tune, for trials that neither raised nor published: a scheduler (ASHA) stopped them.
     Stopped after their last epoch (ASHA stops at max_t, before the trial function returns), the
@@ -176,8 +180,8 @@ def finish_stopped_trials(trials: list[Trial], parent: tracking.RunHandle, exper
         run = runs.get(t.id)
         if cached_training(cache, t.train_key) is not None:
             continue
-        last = training.latest_checkpoint(Path(storage) / train_run_name(experiment, t.train_key)) if "://" not in storage else None
-        state = torch.load(last / training.STATE_FILE, map_location="cpu", weights_only=True) if last else None
+        last = _latest_checkpoint(storage, train_run_name(experiment, t.train_key))
+        state = torch.load(storage_mod.open_file(last, training.STATE_FILE), map_location="cpu", weights_only=True) if last else None
         complete = state is not None and state["epoch"] == t.cfg().run.epochs - 1
         if complete:
             metrics = {"best_score": state["best_score"], "best_epoch": state["best_epoch"]}
@@ -233,6 +237,8 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
     tracking.close_orphans(parent.experiment_id, parent.uri)  # runs a killed invocation left RUNNING
     todo = [t for t in trials if cached_training(cache, t.train_key) is None]
     errors: dict[str, str] = {}
+    if not todo:  # said too, so that a log shows a re-run trained nothing
+        print(f"[sweep] 0 of {len(trials)} trials to train ({len(trials)} cached)", flush=True)
     if todo:
         from dynlab.cluster import ensure_ray
 

@@ -135,7 +135,9 @@ def load_trained(cfg, checkpoint_dir: str | Path, info, which: str = BEST_FILE):
 
     method = get_method(cfg.method).cls(cfg)
     model = method.build_model(info)
-    state = torch.load(Path(checkpoint_dir) / which, map_location="cpu", weights_only=True)
+    from dynlab.storage import open_file
+
+    state = torch.load(open_file(checkpoint_dir, which), map_location="cpu", weights_only=True)  # a folder or a URI
     model.load_state_dict(state["model"] if "model" in state else state)
     return method, model
 
@@ -481,10 +483,12 @@ class FitResult:
 
 
 def storage_path(cfg) -> str:
-    """``run.storage_path`` made absolute (default ``./dynlab_runs``); URIs (s3://, gs://) as given.
+    """``run.storage_path`` made absolute, with its defaults (``$DYNLAB_STORAGE``, ``~/dynlab_runs``
+    under a Ray job, else ``./dynlab_runs``: see :mod:`dynlab.storage`); URIs (s3://, gs://) as given.
     Resolve it in the driver: Ray workers and Tune trials run in folders of their own."""
-    storage = cfg.run.storage_path or "dynlab_runs"
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    from dynlab import storage
+
+    return storage.storage_path(cfg)
 
 
 CHECKPOINT_FILES = (STATE_FILE, BEST_FILE, "config.yaml")
@@ -536,4 +540,6 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{name}' finished without a checkpoint")
-    return FitResult(result.checkpoint.path, dict(result.metrics or {}), name)
+    from dynlab.storage import checkpoint_uri
+
+    return FitResult(checkpoint_uri(storage, result.checkpoint), dict(result.metrics or {}), name)  # a URI on remote storage
