@@ -185,13 +185,13 @@ def test_cluster_yaml_starts_a_token_authenticated_cluster_and_refuses_nodes_wit
         assert len(worker_cmds) == 1
         joins = {}
         for name in ("worker", "stranger", "impostor"):
-            # a refused node gives up after 3 s of retries instead of Ray's 20 (test time only)
-            env = node_env(homes[name], types[worker_type]["resources"], head_ip="127.0.0.1", RAY_gcs_server_port_wait_time_s="3")
+            env = node_env(homes[name], types[worker_type]["resources"], head_ip="127.0.0.1")
             if name == "worker":
                 rc, log = finish(nodes.run(settings, env))
                 assert rc == 0, log
-            else:  # the same settings as the worker: only the token differs
+            else:  # the same settings as the worker, only the token differs; refused, it gives up after 3 s of retries instead of 20
                 shutil.copy(homes["worker"] / "dynlab.env", homes[name] / "dynlab.env")
+                env["RAY_gcs_server_port_wait_time_s"] = "3"
             joins[name] = nodes.run(worker_cmds[0].replace("ray start", f"ray start {node_ports(temp_dir)}"), env)
         outcome = {name: finish(proc) for name, proc in joins.items()}
         assert outcome["worker"][0] == 0, outcome["worker"][1][-3000:]
