@@ -264,6 +264,11 @@ def test_cluster_yaml_mounts_the_token_where_ray_reads_it_and_names_each_value_t
     types = CFG["available_node_types"]
     assert types[CFG["head_node_type"]]["resources"] == {"CPU": 0}
     assert all(t["resources"].get("GPU", 0) >= 1 for name, t in types.items() if name != CFG["head_node_type"])
+    # every command is valid shell once YAML has folded it (bash -n parses without running)
+    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in CFG[key]:
+            proc = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert proc.returncode == 0, f"{key}: {cmd!r}: {proc.stderr}"
     # each placeholder once outside the comments, so one edit fills it in everywhere
     body = "\n".join(line.split(" #")[0] for line in (ROOT / "cluster.yaml").read_text().splitlines() if not line.lstrip().startswith("#"))
     assert {p: body.count(p) for p in ("YOUR-BUCKET", "fs-XXXXXXXX", "ACCOUNT-ID", "ami-FILL-IN")} == dict.fromkeys(("YOUR-BUCKET", "fs-XXXXXXXX", "ACCOUNT-ID", "ami-FILL-IN"), 1)
