@@ -92,6 +92,9 @@ ROWS = [
     ("temperature", ["sweep.values=[hot,cold]"], ["'sweep.values[0]' = 'hot'", "a number"]),
     ("temperature", ["sweep.values=-1,0.5"], ["'boostnet.temperature' = -1.0", ">= 0.0"]),
     ("temperature", ["workers=2"], ["'run.num_workers' = 2", "with the trial's own 0.05"]),
+    ("train", ["run.cpus_per_worker=0"], ["'run.cpus_per_worker' = 0.0", "more than 0 for Ray Train workers without a GPU"]),
+    ("train", ["run.storage_path={tmp}/ray/session_1/runtime_resources/runs"], ["'run.storage_path'", "outside Ray's session folder"]),
+    ("temperature", ["sweep.cache_dir=s3://bucket/cache"], ["'sweep.cache_dir' = 's3://bucket/cache'", "a folder (local, or on a shared file system"]),
 ]
 
 

@@ -119,6 +119,9 @@ def check_resources(cfgs: list, nodes: list[dict[str, float]] | None = None, tun
     """Every trial's Ray Train workers fit the cluster, so that nothing waits forever for resources
     that do not exist (``tune_trials``: each also holds ``sweep.trial_cpus`` for its Tune driver).
     Skipped with ``run.wait_for_resources=true`` (an autoscaling cluster)."""
+    for c in cfgs:
+        if c.run.num_workers > 0 and c.run.cpus_per_worker <= 0 and not c.run.use_gpu:  # Ray refuses a request for nothing
+            raise ConfigError("run.cpus_per_worker", c.run.cpus_per_worker, "more than 0 for Ray Train workers without a GPU (each must ask for some resource)")
     cfgs = [c for c in cfgs if not c.run.wait_for_resources]
     if not cfgs:
         return
