@@ -1,11 +1,13 @@
 """Where results live: the storage defaults (``$DYNLAB_STORAGE``, ``$DYNLAB_STEP_CACHE``, a Ray job's
 default outside Ray's session folder), the shared-storage rule on a multi-node cluster, and a
 storage URI that cannot be reached, against a local S3-compatible server (moto's server mode on
-127.0.0.1; :mod:`tests.test_multinode` trains a sweep on it)."""
+127.0.0.1; :mod:`tests.test_multinode` trains a sweep on it), where an MLflow server keeps its
+artifacts too."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -186,3 +188,32 @@ def test_checkpoints_in_a_bucket_are_found_read_and_fetched(tmp_path, s3_server)
     storage.copy_files(last, tmp_path / "got", (training.BEST_FILE, "config.yaml"))
     assert {p.name: p.read_text() for p in (tmp_path / "got").iterdir()} == {"best.pt": "epoch_0001/best.pt", "config.yaml": "epoch_0001/config.yaml"}
     assert storage.latest_checkpoint("s3://dynlab/fetch/none", training.CHECKPOINT_FILES) is None
+
+
+@pytest.mark.slow
+def test_mlflow_artifacts_go_to_the_same_bucket_through_the_tracking_server(tmp_path, s3_server):
+    """The cluster's MLflow server keeps artifacts on the bucket (``--artifacts-destination s3://``);
+    clients log through it and need no S3 access of their own. The server needs boto3."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", "s3://dynlab/mlartifacts"]  # fmt: skip
+    server = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+                time.sleep(0.5)
+        from dynlab import tracking
+
+        handle = tracking.open_run("on-s3", "artifacts", uri=uri)
+        handle.log_text("where results live", "report/where.txt")
+        handle.end()
+        assert f"{handle.experiment_id}/{handle.run_id}/artifacts/report/where.txt" in bucket_files("s3://dynlab/mlartifacts")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
