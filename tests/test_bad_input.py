@@ -95,6 +95,7 @@ ROWS = [
     ("train", ["run.cpus_per_worker=0"], ["'run.cpus_per_worker' = 0.0", "more than 0 for Ray Train workers without a GPU"]),
     ("train", ["run.storage_path={tmp}/ray/session_1/runtime_resources/runs"], ["'run.storage_path'", "outside Ray's session folder"]),
     ("temperature", ["sweep.cache_dir=s3://bucket/cache"], ["'sweep.cache_dir' = 's3://bucket/cache'", "a folder (local, or on a shared file system"]),
+    ("train", ["workers=0", "run.storage_path=s3://bucket/runs"], ["'run.num_workers' = 0", "at least 1 with remote storage (s3://bucket/runs)"]),
 ]
 
 

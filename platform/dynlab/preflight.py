@@ -220,8 +220,11 @@ def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
     nodes = cluster_nodes()
     check_resources(cfgs, nodes, tune_trials=tune_trials)
     for cfg in cfgs:
-        if not storage_mod.is_remote(storage_mod.storage_path(cfg)):  # remote storage: Ray Train restores (and checks) itself
+        storage = storage_mod.storage_path(cfg)
+        if not storage_mod.is_remote(storage):  # remote storage: Ray Train restores (and checks) itself
             check_checkpoint(cfg, resume_folder(cfg, tune_trials))
+        elif cfg.run.num_workers == 0:
+            raise ConfigError("run.num_workers", 0, f"at least 1 with remote storage ({storage}): an in-process run keeps its checkpoints in a local folder, Ray Train uploads none")
     for cfg in {(c.run.storage_path, c.sweep.cache_dir): c for c in cfgs}.values():
         check_storage(cfg, storage_nodes(cfgs, nodes), step_cache=tune_trials)
 
