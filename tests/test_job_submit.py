@@ -9,10 +9,12 @@ submission that meets that message is made again, within a bounded time (AGENT_W
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,12 +76,15 @@ class Head:
         for var, cache in (("MPLCONFIGDIR", "matplotlib"), ("DYNLAB_CACHE", "dynlab")):  # the caller's caches, not rebuilt in the new home
             self.env[var] = os.environ.get(var) or str(Path.home() / ".cache" / cache)
         self.port, self.dash, self.agent = free_port(), free_port(), free_port()
+        # a Ray temp folder of its own (short: Ray's socket paths must stay under 108 bytes), so the
+        # address file that `ray start` writes never points another ray.init() on this machine here
+        self.temp_dir = tempfile.mkdtemp(prefix="dlray-", dir="/tmp")
         self.address = f"http://127.0.0.1:{self.dash}"
 
     def start(self) -> None:
         """``ray start --head`` in the foreground (``--block``) in a process group of its own, so that
         :meth:`stop` ends this head's processes only (``ray stop`` would end every Ray on the machine)."""
-        start = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+        start = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp_dir}",
                  f"--dashboard-agent-listen-port={self.agent}", "--num-cpus=2", "--disable-usage-stats"]  # the agent's default port (52365) may be taken by another Ray here
         self.proc = subprocess.Popen(start, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_dashboard(self.address, self.env)
@@ -120,6 +125,7 @@ def ray_head(tmp_path):
         yield head
     finally:
         head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
