@@ -106,14 +106,14 @@ def cache_path(cfg) -> Path:
 
 def shared_roots() -> list[Path]:
     """The mount points declared shared by every node (``$DYNLAB_SHARED_FS``)."""
-    return [Path(p).expanduser().absolute() for p in os.environ.get(SHARED_FS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path(p).expanduser().resolve() for p in os.environ.get(SHARED_FS_ENV, "").split(os.pathsep) if p.strip()]  # resolved like the paths
 
 
 def is_shared(path: str) -> bool:
     """Every node of a cluster sees ``path``: a URI, or a folder under a declared shared mount."""
     if is_remote(path):
         return True
-    p = Path(path).expanduser().absolute()
+    p = Path(path).expanduser().resolve()
     return any(p == root or root in p.parents for root in shared_roots())
 
 
