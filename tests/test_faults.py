@@ -252,7 +252,8 @@ def train_worker_node(workers) -> object | None:
 def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, worker_nodes_cluster):
     cluster, workers = worker_nodes_cluster
     epochs = 8  # about a second each: leaves the node remover a window after the first checkpoint
-    base = config.cli_config([*TINY, f"epochs={epochs}", f"run.storage_path={in_tmp / 'shared'}", "sweep.trial_cpus=1"])
+    # a worker group (not an in-process trial): the node lost is the Train worker's, the trial's driver survives it
+    base = config.cli_config([*TINY, f"epochs={epochs}", f"run.storage_path={in_tmp / 'shared'}", "sweep.trial_cpus=1", "sweep.in_process=false"])
     (trial,) = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
     parent = tracking.open_run("node-loss", "sweep")
     removed = []

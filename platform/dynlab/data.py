@@ -218,13 +218,27 @@ class DigitsDataset(Dataset):
         return x, int(self.labels[i])
 
 
-def _digits_arrays(size: int):
-    from sklearn.datasets import load_digits
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (images [1797, 8, 8], targets), read from the file it ships without
+    importing scikit-learn (seconds in every fresh process: the driver, each trial, each task)."""
+    import importlib.util
 
-    d = load_digits()
-    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # [1797, 1, 8, 8]
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    raw = np.loadtxt(path, delimiter=",")  # what load_digits reads
+    return raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(int)
+
+
+def _digits_arrays(size: int):
+    digits, target = _load_digits()
+    images = torch.from_numpy(digits.astype(np.float32) / 16.0).unsqueeze(1)  # [1797, 1, 8, 8]
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    labels = torch.from_numpy(d.target.astype(np.int64))
+    labels = torch.from_numpy(target.astype(np.int64))
     perm = torch.from_numpy(np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels)))
     test_idx, train_idx = perm[:DIGITS_TEST], perm[DIGITS_TEST:]
     return images[train_idx].contiguous(), labels[train_idx], images[test_idx].contiguous(), labels[test_idx]

@@ -180,8 +180,8 @@ def build(base: config_mod.Config, trials: list[sweeps.Trial], parent: tracking.
         eval_cfg = {"config": cfg.hashed_dict(), "tracking_uri": parent.uri, "experiment_id": parent.experiment_id, **common}
         out.append(dag.Step(f"predict[{t.id}]", predict_step, config=predict_cfg, inputs={"trained": ("sweep", t.id)}, resources={"num_cpus": 1, "num_gpus": gpu}))
         calib_cfg = {"config": cfg.hashed_dict(exclude=("sweep", "eval.flat_curve")), **common}  # what the thresholds depend on
-        out.append(dag.Step(f"calibrate[{t.id}]", calibrate_step, config=calib_cfg, inputs={"predictions": f"predict[{t.id}]"}, resources={"num_cpus": 0.5}))
-        out.append(dag.Step(f"evaluate[{t.id}]", evaluate_step, config=eval_cfg, inputs={"trained": ("sweep", t.id), "predictions": f"predict[{t.id}]", "calibration": f"calibrate[{t.id}]"}, resources={"num_cpus": 0.5}))
+        out.append(dag.Step(f"calibrate[{t.id}]", calibrate_step, config=calib_cfg, inputs={"predictions": f"predict[{t.id}]"}, resources={"num_cpus": 1}))
+        out.append(dag.Step(f"evaluate[{t.id}]", evaluate_step, config=eval_cfg, inputs={"trained": ("sweep", t.id), "predictions": f"predict[{t.id}]", "calibration": f"calibrate[{t.id}]"}, resources={"num_cpus": 1}))
         evals[t.id] = f"evaluate[{t.id}]"
     arg = {f"e{i}": name for i, name in enumerate(evals.values())}
     out.append(

@@ -129,6 +129,53 @@ def publish_training(cache: Path, train_key: str, checkpoint_dir: str, result: d
     return cached_training(cache, train_key)
 
 
+def in_process(cfg: config_mod.Config) -> bool:
+    """Whether a trial trains in its own Tune trial process (Ray Train's local mode) rather than in a
+    Ray Train worker group of its own: one CPU worker, local storage, ``sweep.in_process``."""
+    return cfg.sweep.in_process and cfg.run.num_workers <= 1 and not cfg.run.use_gpu and "://" not in training.storage_path(cfg)
+
+
+def trial_need(cfg: config_mod.Config) -> tuple[float, float]:
+    """(CPUs, GPUs) a trial holds while it trains: in-process its CPUs; else its Tune driver's
+    ``sweep.trial_cpus`` plus every worker's CPUs (and GPU)."""
+    if in_process(cfg):
+        return max(cfg.run.cpus_per_worker, cfg.sweep.trial_cpus), 0.0
+    workers = max(1, cfg.run.num_workers)
+    return cfg.sweep.trial_cpus + cfg.run.cpus_per_worker * workers, float(workers) if cfg.run.use_gpu else 0.0
+
+
+def trials_that_fit(cfgs: list[config_mod.Config], nodes: list[dict[str, float]]) -> int:
+    """How many of the largest of these trials the cluster runs at once (at least 1). An in-process
+    trial lives on one node; a worker group's workers may spread over nodes."""
+    cpu, gpu = (max(x) for x in zip(*(trial_need(c) for c in cfgs)))
+    if all(in_process(c) for c in cfgs):
+        fit = sum(int(n.get("CPU", 0.0) // cpu + 1e-9) for n in nodes) if cpu > 0 else len(cfgs)
+    else:
+        fit = int(sum(n.get("CPU", 0.0) for n in nodes) // cpu + 1e-9) if cpu > 0 else len(cfgs)
+    if gpu > 0:
+        fit = min(fit, int(sum(n.get("GPU", 0.0) for n in nodes) // gpu + 1e-9))
+    return max(1, fit)
+
+
+def concurrency(base: config_mod.Config, todo: list[Trial], nodes: list[dict[str, float]]) -> int:
+    """Trials at a time: ``sweep.max_concurrent``, or as many as fit when it is 0. Asking for more
+    than fit is warned about and lowered to what fits (the trials beyond would only hold their
+    slot and loop on "worker group startup timed out"), unless ``run.wait_for_resources`` (an
+    autoscaling cluster brings the rest)."""
+    cfgs = [t.cfg() for t in todo]
+    fit = trials_that_fit(cfgs, nodes)
+    requested = base.sweep.max_concurrent
+    if requested == 0:
+        return min(fit, len(todo))
+    if requested > fit and not base.run.wait_for_resources:
+        cpu, gpu = (max(x) for x in zip(*(trial_need(c) for c in cfgs)))
+        have = f"{sum(n.get('CPU', 0.0) for n in nodes):g} CPU(s)" + (f" and {sum(n.get('GPU', 0.0) for n in nodes):g} GPU(s)" if gpu else "")
+        print(f"[sweep] warning: sweep.max_concurrent={requested} does not fit: each trial holds {cpu:g} CPU(s)" + (f" and {gpu:g} GPU(s)" if gpu else "")
+              + f", the cluster has {have}: running {fit} at a time (sweep.max_concurrent=0 picks what fits; on an autoscaling cluster run.wait_for_resources=true keeps {requested})", flush=True)
+        return fit
+    return requested
+
+
 def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, cache: str, plugins: list[str], owner: str = "") -> None:
     """One Tune trial: fit a TorchTrainer for the trial's config, logging into a child run. The
     child run is keyed by the Train run's name, not by the parent: a trial interrupted under one
@@ -151,7 +198,7 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
     )
     with tracking.run_guard(handle):
         tracking.log_config(handle, cfg)
-        result = training.fit(cfg, name, tracking=handle.as_payload(), plugins=plugins, callbacks=[TuneReportCallback()])
+        result = training.fit(cfg, name, tracking=handle.as_payload(), plugins=plugins, callbacks=[TuneReportCallback()], in_process=spec["in_process"])
         publish_training(Path(cache), spec["train_key"], result.checkpoint_dir, {"train_key": spec["train_key"], "run_id": handle.run_id, "metrics": result.metrics})
 
 
@@ -242,20 +289,27 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
     if todo:
         from dynlab.cluster import ensure_ray
 
-        ensure_ray()
-        print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {base.sweep.max_concurrent} at a time", flush=True)
+        ray = ensure_ray()
+        at_once = concurrency(base, todo, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])
+        local = {t.id: in_process(t.cfg()) for t in todo}
+        how = "each in its trial's process (Ray Train local mode)" if all(local.values()) else "each with a Ray Train worker group" if not any(local.values()) else "in-process or with a worker group"
+        print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {at_once} at a time, {how}", flush=True)
         storage = training.storage_path(base)
         # absolute here, in the driver: a trial runs in its own folder, where "./dynlab_runs" is elsewhere
-        specs = {t.id: {"id": t.id, "label": t.label, "config": {**t.config, "run": {**t.config["run"], "storage_path": storage}}, "train_key": t.train_key} for t in todo}
+        specs = {t.id: {"id": t.id, "label": t.label, "config": {**t.config, "run": {**t.config["run"], "storage_path": storage}}, "train_key": t.train_key, "in_process": local[t.id]} for t in todo}
+        needs = {t.id: trial_need(t.cfg()) for t in todo}
+        resources = {tid: tune.PlacementGroupFactory([{"CPU": cpu if local[tid] else base.sweep.trial_cpus}]) for tid, (cpu, _) in needs.items()}
         fn = tune.with_parameters(train_trial, specs=specs, parent=parent.as_payload(), experiment=experiment, cache=str(cache), plugins=plugins, owner=tracking.process_owner())
         scheduler = None
         if base.sweep.asha:
             scheduler = tune.schedulers.ASHAScheduler(metric="heldout/acc_mean", mode="max", max_t=base.run.epochs, grace_period=base.sweep.grace_period)
+        # an in-process trial has no Ray Train worker group to restart it: Tune restarts it (from its checkpoint)
+        retries = base.run.max_failures if any(local.values()) else 0
         tuner = tune.Tuner(
-            tune.with_resources(fn, {"CPU": base.sweep.trial_cpus}),
+            tune.with_resources(fn, lambda config: resources[config["trial"]]),
             param_space={"trial": tune.grid_search([t.id for t in todo])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=base.sweep.max_concurrent, scheduler=scheduler),
-            run_config=tune.RunConfig(name=f"{experiment}-sweep-{uuid.uuid4().hex[:6]}", storage_path=storage, verbose=1),
+            tune_config=tune.TuneConfig(max_concurrent_trials=at_once, scheduler=scheduler, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"{experiment}-sweep-{uuid.uuid4().hex[:6]}", storage_path=storage, verbose=1, failure_config=tune.FailureConfig(max_failures=retries)),
         )
         with stop_signal() as stopped:
             grid = tuner.fit()
@@ -290,6 +344,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
 
 
 def _short_error(err: BaseException) -> str:
+    err = getattr(err, "cause", None) or err  # a Ray task error (an in-process trial raised): what the trial raised
     cause = input_error(err)
     text = str(cause) if cause is not None else f"{type(err).__name__}: {err}"
     return text.strip().splitlines()[-1][:500] if cause is None else text[:500]

@@ -162,9 +162,13 @@ class RunHandle:
             c.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        """All in one request (MLflow's batch call), not one per tag."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
         c = client(self.uri)
-        for k, v in tags.items():
-            c.set_tag(self.run_id, k, str(v))
+        for i in range(0, len(items), 100):
+            c.log_batch(self.run_id, tags=items[i : i + 100])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         client(self.uri).log_artifact(self.run_id, str(path), artifact_path)

@@ -178,12 +178,15 @@ class Loop:
     best_state: dict | None = None
     history: list[dict] = field(default_factory=list)  # every epoch's metrics, saved with the checkpoint
     logged_epochs: set[int] = field(default_factory=set)  # epochs already in the MLflow run
+    best_saved: tuple[int, Path] | None = None  # (best epoch, its best.pt in the latest local checkpoint): linked, not re-written, while unchanged
+    tune_trial: bool = False  # in-process in a Tune trial: Ray forbids ray.train.* there; epochs go to Tune via ray.tune.report
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
     loop = setup(payload)
+    loop.tune_trial = bool(payload.get("tune_trial"))
     resumed = find_checkpoint(payload)
     if resumed is not None:
         resume(loop, *resumed)
@@ -221,8 +224,7 @@ def setup(payload: dict[str, Any]) -> Loop:
 
     import_plugins(payload.get("plugins", []))
     cfg = config_mod.from_dict(payload["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = _rank_and_world(payload)
     seed_everything(cfg.run.seed + rank)
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
     tracker = RunHandle(**payload["tracking"]) if rank == 0 and payload.get("tracking") else None
@@ -240,6 +242,15 @@ def setup(payload: dict[str, Any]) -> Loop:
     return Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
 
 
+def _rank_and_world(payload: dict[str, Any]) -> tuple[int, int]:
+    if payload.get("tune_trial"):  # in-process: one worker, and ray.train.get_context() refuses to run in a Tune trial
+        return 0, 1
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
 def find_checkpoint(payload: dict[str, Any]) -> tuple[dict, dict] | None:
     """``(state, best weights)`` of the newest readable checkpoint of this run, or None. On local
     storage the run folder is read too: a worker killed right after saving may die before Ray
@@ -249,7 +260,7 @@ def find_checkpoint(payload: dict[str, Any]) -> tuple[dict, dict] | None:
     folders = []
     if payload.get("run_dir"):
         folders += sorted(Path(payload["run_dir"]).glob("epoch_*"), reverse=True)
-    ckpt = ray.train.get_checkpoint()
+    ckpt = None if payload.get("tune_trial") else ray.train.get_checkpoint()  # in a Tune trial: the run folder is all there is
     candidates = [lambda d=d: _read_checkpoint(d) for d in folders]
     if ckpt is not None:
         candidates.append(lambda: _read_ray_checkpoint(ckpt))
@@ -433,12 +444,19 @@ def save_checkpoint(loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
     final = loop.local_root / f"epoch_{epoch:04d}"
     partial = loop.local_root / f".partial_epoch_{epoch:04d}"
     partial.mkdir(parents=True, exist_ok=True)
-    _write_checkpoint(partial, state, loop.best_state, loop.cfg)
+    same_best = loop.best_saved[1] if loop.best_saved and loop.best_saved[0] == loop.best_epoch else None
+    _write_checkpoint(partial, state, loop.best_state, loop.cfg, same_best)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)  # atomic: a half-written checkpoint is never found as complete
+    loop.best_saved = (loop.best_epoch, final / BEST_FILE)
     for old in sorted(loop.local_root.glob("epoch_*"))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+    if loop.tune_trial:  # Ray Train's local mode inside a Tune trial: Tune's API, for ASHA and the trial's progress
+        from ray import tune
+
+        tune.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
 
 
 def _print_epoch(loop: Loop, metrics: dict[str, Any], epoch: int) -> None:
@@ -455,9 +473,16 @@ def _best_effort(fn, *args):
         return None
 
 
-def _write_checkpoint(d: Path, state: dict, best_state: dict, cfg) -> None:
+def _write_checkpoint(d: Path, state: dict, best_state: dict, cfg, same_best: Path | None = None) -> None:
+    """Every checkpoint folder is complete on its own; best weights unchanged since ``same_best``
+    was written are hard-linked from it rather than serialised again."""
     torch.save(state, d / STATE_FILE)
-    torch.save(best_state, d / BEST_FILE)
+    try:
+        if same_best is None:
+            raise FileNotFoundError
+        os.link(same_best, d / BEST_FILE)
+    except OSError:  # none yet, removed, or a filesystem without hard links
+        torch.save(best_state, d / BEST_FILE)
     (d / "config.yaml").write_text(cfg.to_yaml())
 
 
@@ -502,13 +527,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None = None, callbacks: list | None = None) -> FitResult:
-    """Train ``cfg`` with a TorchTrainer named ``name``; the same name resumes from its checkpoints."""
+def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None = None, callbacks: list | None = None, in_process: bool = False) -> FitResult:
+    """Train ``cfg`` with a TorchTrainer named ``name``; the same name resumes from its checkpoints.
+    ``in_process`` (a Tune trial of one CPU worker on local storage): the TorchTrainer runs in this
+    process (Ray Train's local mode, ``num_workers=0``), checkpointed into the run folder as usual,
+    each epoch reported to Tune (``callbacks`` do not run in local mode)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     storage = storage_path(cfg)
     local_storage = "://" not in storage
+    in_process = in_process and local_storage and cfg.run.num_workers <= 1 and not cfg.run.use_gpu
     resume = latest_checkpoint(Path(storage) / name) if local_storage else None  # remote storage: Ray restores
     if resume is not None:
         _progress(f"run '{name}' has a checkpoint at {resume.name}: resuming")
@@ -521,12 +550,13 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
             "config": cfg.to_dict(),
             "tracking": tracking,
             "plugins": plugins or ["methods"],
-            "local_checkpoint_root": str(Path(storage) / name) if cfg.run.num_workers == 0 and local_storage else None,
+            "local_checkpoint_root": str(Path(storage) / name) if (cfg.run.num_workers == 0 or in_process) and local_storage else None,
+            "tune_trial": in_process,
             "run_dir": str(Path(storage) / name) if local_storage else None,  # checkpoints a retry may read
             "resume_dir": str(resume) if resume else None,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if in_process else cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
@@ -538,6 +568,12 @@ def fit(cfg, name: str, tracking: dict | None = None, plugins: list[str] | None 
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if in_process:  # the loop checkpointed into the run folder itself (no ray.train.report in a Tune trial)
+        last = latest_checkpoint(Path(storage) / name)
+        if last is None:
+            raise RuntimeError(f"training run '{name}' finished without a checkpoint")
+        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+        return FitResult(str(last), dict(state["history"][-1]) if state.get("history") else {}, name)
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{name}' finished without a checkpoint")
     from dynlab.storage import checkpoint_uri
