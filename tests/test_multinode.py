@@ -25,7 +25,7 @@ from dynlab.errors import ConfigError
 from dynlab.predictions import GatedPredictions
 from dynlab.registry import get_method, register_method
 from tests.stand_ins import TwoDepthConfig, TwoDepthNet
-from tests.test_storage import bucket_files, s3_env, s3_server  # noqa: F401  (s3_server: a fixture)
+from tests.test_storage import bucket_files, free_port, s3_env, s3_server  # noqa: F401  (s3_server: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = ["methods", "tests.test_multinode"]  # Ray workers import this module for the method below
@@ -63,7 +63,8 @@ def two_nodes(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # free ports for the dashboard (the state API behind list_actors) and its agent: the defaults may be held by another Ray here
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **s3_env(s3_server)}  # this module and the S3 server for every worker
