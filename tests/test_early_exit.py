@@ -47,11 +47,12 @@ def simulated(model, x, precision: str):
     return evaluation.confidence(logits)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("backbone", ["msdnet", "ranet"])
 @pytest.mark.parametrize("method", ["joint", "boostnet"])
 @pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
-def test_real_early_exit_equals_the_simulated_exits(method, q, backbone, precision):
+def test_real_early_exit_equals_the_simulated_exits(method, q, backbone, precision, chunk_size):
     dtype = PRECISIONS[precision][0]
     model = build_tiny(method, backbone, dtype)
     x = torch.randn(96, 3, 32, 32, dtype=dtype)
@@ -60,7 +61,7 @@ def test_real_early_exit_equals_the_simulated_exits(method, q, backbone, precisi
     sim_exit = evaluation.exit_indices(conf, thresholds)
 
     with in_precision(precision):
-        res = early_exit(model, x, thresholds)
+        res = early_exit(model, x, thresholds, chunk_size=chunk_size)
     assert torch.equal(res.exit, sim_exit)
     assert torch.equal(res.pred, pred[sim_exit, torch.arange(len(x))])
     assert len(set(res.exit.tolist())) > 1  # the case is not trivial: samples leave at several exits
@@ -103,13 +104,71 @@ def test_later_blocks_run_only_for_undecided_samples():
     with torch.no_grad():
         conf, _ = evaluation.confidence(torch.stack(model(x)))
     thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(0.5, 4))
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, inp, k=k: seen.append((k, inp[0].shape[0] if torch.is_tensor(inp[0]) else inp[0][0].shape[0]))) for k, b in enumerate(model.backbone.blocks)]
-    res = early_exit(model, x, thresholds)
-    for h in hooks:
-        h.remove()
+    seen, res = block_batches(model, x, thresholds)
     expected = [(k, int((res.exit >= k).sum())) for k in range(4) if (res.exit >= k).any()]
     assert seen == expected and expected[-1][1] < 64
+
+
+def block_batches(model, x, thresholds, **kw):
+    """(block, batch size) of every call of a backbone block during early_exit, and its result."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, inp, k=k: seen.append((k, inp[0].shape[0] if torch.is_tensor(inp[0]) else inp[0][0].shape[0]))) for k, b in enumerate(model.backbone.blocks)]
+    try:
+        return seen, early_exit(model, x, thresholds, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_chunks_split_each_block_into_nearly_equal_parts_of_at_most_chunk_size():
+    model = build("boostnet")
+    x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        conf, _ = evaluation.confidence(torch.stack(model(x)))
+    thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(0.5, 4))
+    seen, res = block_batches(model, x, thresholds, chunk_size=10)
+    whole, _ = block_batches(model, x, thresholds)
+    for k, n in whole:  # every undecided sample once, in ceil(n / 10) parts differing by at most one
+        parts = [m for j, m in seen if j == k]
+        assert sum(parts) == n and len(parts) == -(-n // 10) and max(parts) <= 10 and max(parts) - min(parts) <= 1
+    assert torch.equal(res.exit, early_exit(model, x, thresholds).exit)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.0])  # everybody leaves at exit 0; nobody leaves before the last
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_all_or_none_leaving_at_a_block(threshold, chunk_size):
+    model = build("boostnet")
+    x = torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        conf, pred = evaluation.confidence(torch.stack(model(x)))
+    thresholds = [threshold] * 3 + [-math.inf]
+    seen, res = block_batches(model, x, thresholds, chunk_size=chunk_size)
+    sim_exit = evaluation.exit_indices(conf, thresholds)
+    assert torch.equal(res.exit, sim_exit) and torch.equal(res.pred, pred[sim_exit, torch.arange(12)])
+    assert {k for k, _ in seen} == ({0} if threshold == 0.0 else {0, 1, 2, 3})
+
+
+def test_chunks_keep_a_channels_last_state_channels_last():
+    model = build_tiny("boostnet", "msdnet", torch.float32).to(memory_format=torch.channels_last)
+    x = torch.randn(40, 3, 32, 32).to(memory_format=torch.channels_last)
+    conf, pred = simulated(model, x, "float32")
+    thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(1.0, conf.shape[0]))
+    formats = []
+    hook = model.backbone.blocks[1].register_forward_pre_hook(lambda m, inp: formats.extend(t.is_contiguous(memory_format=torch.channels_last) for t in inp[0]))
+    try:
+        res = early_exit(model, x, thresholds, chunk_size=9)
+    finally:
+        hook.remove()
+    sim_exit = evaluation.exit_indices(conf, thresholds)
+    assert torch.equal(res.exit, sim_exit) and torch.equal(res.pred, pred[sim_exit, torch.arange(len(x))])
+    assert formats and all(formats)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_chunk_size_must_be_a_positive_int(bad):
+    model = build("joint")
+    with pytest.raises(ValueError, match="chunk_size"):
+        early_exit(model, torch.randn(4, 3, 32, 32, dtype=torch.float64), [0.5] * 4, chunk_size=bad)
 
 
 def test_models_without_exit_steps_are_refused():
