@@ -46,7 +46,9 @@ class RunConfig:
     num_workers: int = bounded(1, 0, help="Ray Train workers; 0 runs in the driver process")
     cpus_per_worker: float = bounded(1.0, 0.0)
     use_gpu: bool = False
-    amp: str = choice("none", "none", "bf16", "fp16")
+    amp: str = choice("none", "none", "bf16", "fp16", help="autocast precision: bf16 (GPU or CPU) or fp16 with loss scaling (GPU); see docs/gpu.md")
+    channels_last: bool = field(default=False, metadata={"hash": False, "help": "model weights and input batches in NHWC layout (faster convolutions on GPUs, with AMP above all)"})
+    compile: bool = field(default=False, metadata={"hash": False, "help": "torch.compile the model's forward (in place: checkpoints unchanged); the first steps pay the compilation"})
     max_failures: int = bounded(3, 0, help="worker-group restarts (from the last checkpoint) before the run fails")
     select: str = choice("best", "best", "last", help="model selection: best held-out accuracy, or last epoch")
     grad_clip: float = bounded(0.0, 0.0, help="max gradient norm; 0 disables")
@@ -65,12 +67,20 @@ class DataConfig:
     batch_size: int = bounded(64, 1)
     eval_batch_size: int = bounded(256, 1)
     augment: bool = True
-    loader_workers: int = bounded(0, 0)
+    loader_workers: int = bounded(0, -1, help="DataLoader worker processes per training worker; -1 = auto: 0 for in-memory data, else run.cpus_per_worker - 1 (at most 8); see docs/gpu.md")
+    pin_memory: str = field(default="auto", metadata={"hash": False, "help": "page-locked loader batches (asynchronous host-to-GPU copies): true, false or auto (on when training on a GPU)"})
     download: bool = False
     image_size: int = bounded(0, 0, help="0 = dataset default")
     synthetic_train: int = bounded(512, 1)
     synthetic_test: int = bounded(256, 1)
     synthetic_classes: int = bounded(10, 2)
+
+    def validate(self, section: str) -> None:
+        value = str(self.pin_memory).strip().lower()
+        value = {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}.get(value, value)
+        if value not in ("auto", "true", "false"):
+            raise ConfigError(f"{section}.pin_memory", self.pin_memory, "true, false or auto")
+        self.pin_memory = value
 
 
 @dataclass
@@ -415,8 +425,8 @@ def _known_keys(sections, m_entry, b_entry, method: str, backbone: str) -> list[
 def _validate_cross(cfg: Config) -> None:
     if cfg.data.name == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.root", cfg.data.root, "a folder or .zip in ImageNet layout (train/<class>/..., val|test/<class>/...) for dataset imagefolder")
-    if cfg.run.amp != "none" and not cfg.run.use_gpu:
-        raise ConfigError("run.amp", cfg.run.amp, "none unless run.use_gpu=true (AMP is a GPU path)")
+    if cfg.run.amp == "fp16" and not cfg.run.use_gpu:
+        raise ConfigError("run.amp", cfg.run.amp, "none or bf16 unless run.use_gpu=true (fp16 with loss scaling is a GPU path)")
     if any(b <= 0 for b in cfg.eval.budgets):
         raise ConfigError("eval.budgets", cfg.eval.budgets, "positive budgets in MMACs per image")
     if cfg.run.kill_after_epoch >= 0 and cfg.run.num_workers == 0:

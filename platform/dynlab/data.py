@@ -268,11 +268,27 @@ CIFAR_STATS = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+class _ResizeIfNeeded:
+    """``Resize(size)`` + ``CenterCrop(size)``, skipped for an image already ``size`` x ``size``
+    (where both are the identity: CIFAR as 32x32 JPEGs spent ~10% of their loading time there)."""
+
+    def __init__(self, size: int):
+        from torchvision import transforms as T
+
+        self.size, self.resize = size, T.Compose([T.Resize(size), T.CenterCrop(size)])
+
+    def __call__(self, img):
+        return img if tuple(img.size) == (self.size, self.size) else self.resize(img)
+
+    def __repr__(self) -> str:
+        return f"ResizeIfNeeded(size={self.size})"
+
+
 def _small_transforms(size: int, stats, augment: bool, resize: bool):
     """CIFAR-style: (resize,) random crop with 1/8 padding + horizontal flip; eval: (resize,) tensor."""
     from torchvision import transforms as T
 
-    pre = [T.Resize(size), T.CenterCrop(size)] if resize else []
+    pre = [_ResizeIfNeeded(size)] if resize else []
     post = [T.ToTensor(), T.Normalize(*stats)]
     ev = T.Compose(pre + post)
     if not augment:

@@ -218,8 +218,6 @@ def setup(payload: dict[str, Any]) -> Loop:
     import ray.train
     import ray.train.torch
 
-    from dynlab import data as data_mod
-    from dynlab.registry import get_method
     from dynlab.tracking import RunHandle
 
     import_plugins(payload.get("plugins", []))
@@ -230,15 +228,26 @@ def setup(payload: dict[str, Any]) -> Loop:
     tracker = RunHandle(**payload["tracking"]) if rank == 0 and payload.get("tracking") else None
     if tracker:
         _best_effort(tracker.set_tags, {"dynlab.world_size": world, "dynlab.device": str(device)})
+    local_root = Path(payload["local_checkpoint_root"]) if payload.get("local_checkpoint_root") else None
+    return build_loop(cfg, rank, world, device, tracker, local_root)
+
+
+def build_loop(cfg, rank: int = 0, world: int = 1, device: torch.device | None = None, tracker=None, local_root: Path | None = None) -> Loop:
+    """Data, model, optimiser, schedule and scaler of :func:`setup`, without a Ray Train context
+    (what ``benchmarks.throughput`` times in-process)."""
+    from dynlab import accel
+    from dynlab import data as data_mod
+    from dynlab.registry import get_method
+
+    device = device or torch.device("cpu")
     bundle = data_mod.build_datasets(cfg.data, cfg.run.seed)
     method = get_method(cfg.method).cls(cfg)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = method.build_model(bundle.info).to(device)
+    model = accel.prepare_model(method.build_model(bundle.info), cfg, device)  # on the device; channels_last
     optimizer = build_optimizer(model, cfg, method)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     amp_dtype = _amp_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    local_root = Path(payload["local_checkpoint_root"]) if payload.get("local_checkpoint_root") else None
     return Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
 
 
@@ -344,14 +353,23 @@ def make_loaders(loop: Loop):
         loop.model = ray.train.torch.prepare_model(loop.model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": bool(getattr(loop.model, "ddp_find_unused_parameters", False))})  # ADN: a pass leaves some norms unused
     train = loop.bundle.train
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=False)
-    loader = DataLoader(train, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.loader_workers, drop_last=len(train) > cfg.data.batch_size * world)
+    from dynlab import accel
+
+    workers = accel.loader_workers(cfg, loop.device)
+    loader = DataLoader(
+        train, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers, drop_last=len(train) > cfg.data.batch_size * world,
+        pin_memory=accel.pin_memory(cfg, loop.device), persistent_workers=workers > 0,  # workers kept across epochs
+    )
     heldout_shard = Subset(loop.bundle.heldout, list(range(rank, len(loop.bundle.heldout), world)))
     return sampler, loader, heldout_shard
 
 
 def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[str, float]:
     """One pass over the training set; the method's step metrics averaged over samples (and ranks)."""
+    from dynlab.accel import memory_format, to_device
+
     cfg, device, scaler, optimizer = loop.cfg, loop.device, loop.scaler, loop.optimizer
+    fmt = memory_format(cfg)  # channels_last input batches, or None
 
     def backward(loss: torch.Tensor) -> None:
         scaler.scale(loss).backward()
@@ -361,7 +379,7 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
     sums: dict[str, torch.Tensor] = {}
     seen, last_note = 0, time.time()
     for step, (images, targets) in enumerate(loader):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = to_device(images, device, fmt), targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
             metrics = loop.method.train_step(loop.model, (images, targets), backward)
