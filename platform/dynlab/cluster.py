@@ -12,10 +12,12 @@ LOCAL_HOST = "127.0.0.1"  # a local Ray's dashboard binds here, never to a publi
 
 def init_options() -> dict:
     """``ray.init`` arguments: the cluster at ``RAY_ADDRESS``, else a local instance whose
-    dashboard (and job API) listens on 127.0.0.1 only (said explicitly, not left to Ray's default)."""
-    address = os.environ.get("RAY_ADDRESS") or None
+    dashboard (and job API) listens on 127.0.0.1 only (said explicitly, not left to Ray's default).
+    ``"local"``, not None: with None, ``ray.init`` joins whatever Ray another program started on this
+    machine (its address file in /tmp/ray), which is not the cluster the user named."""
+    address = os.environ.get("RAY_ADDRESS") or "local"
     options = {"address": address, "log_to_driver": True, "runtime_env": runtime_env()}
-    if address is None:
+    if address == "local":
         options["dashboard_host"] = LOCAL_HOST
     return options
 
