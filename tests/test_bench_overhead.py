@@ -59,3 +59,15 @@ def test_trials_are_sized_to_fit_the_cluster_and_too_many_are_warned_about(capsy
     assert at_once(["run.cpus_per_worker=2"], [{"CPU": 3.0}, {"CPU": 3.0}]) == 2
     assert at_once(["run.use_gpu=true"], [{"CPU": 16.0, "GPU": 2.0}]) == 2
     assert at_once(["run.use_gpu=true", "workers=2"], [{"CPU": 16.0, "GPU": 2.0}]) == 1
+
+
+def test_preflight_sizes_an_in_process_trial_like_the_sweep_does():
+    """On a 1-CPU machine the default sweep trial (in-process: the trial is its worker) fits; a
+    trial with a worker group needs its Tune driver's CPUs on top and is refused, naming the key."""
+    from dynlab import config, preflight
+    from dynlab.errors import ConfigError
+
+    one_cpu = [{"CPU": 1.0}]
+    preflight.check_resources([config.cli_config([])], one_cpu, tune_trials=True)
+    with pytest.raises(ConfigError, match="run.num_workers.*1.05 CPUs needed"):
+        preflight.check_resources([config.cli_config(["sweep.in_process=false"])], one_cpu, tune_trials=True)

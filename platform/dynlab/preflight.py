@@ -117,7 +117,8 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 def check_resources(cfgs: list, nodes: list[dict[str, float]] | None = None, tune_trials: bool = False) -> None:
     """Every trial's Ray Train workers fit the cluster, so that nothing waits forever for resources
-    that do not exist (``tune_trials``: each also holds ``sweep.trial_cpus`` for its Tune driver).
+    that do not exist (``tune_trials``: a trial with a worker group also holds ``sweep.trial_cpus``
+    for its Tune driver; an in-process trial holds only its worker's CPUs).
     Skipped with ``run.wait_for_resources=true`` (an autoscaling cluster)."""
     for c in cfgs:
         if c.run.num_workers > 0 and c.run.cpus_per_worker <= 0 and not c.run.use_gpu:  # Ray refuses a request for nothing
@@ -125,6 +126,8 @@ def check_resources(cfgs: list, nodes: list[dict[str, float]] | None = None, tun
     cfgs = [c for c in cfgs if not c.run.wait_for_resources]
     if not cfgs:
         return
+    from dynlab import sweeps
+
     nodes = cluster_nodes() if nodes is None else nodes
     total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
@@ -137,7 +140,7 @@ def check_resources(cfgs: list, nodes: list[dict[str, float]] | None = None, tun
             if total_gpu == 0:
                 raise ConfigError("run.use_gpu", True, f"false: {where}")
             raise ConfigError("run.num_workers", r.num_workers, f"at most {int(total_gpu)} with run.use_gpu=true (one GPU per worker): {where}")
-        own = cfg.sweep.trial_cpus if tune_trials else 0.0
+        own = cfg.sweep.trial_cpus if tune_trials and not sweeps.in_process(cfg) else 0.0  # in-process: the trial is the worker
         need = r.cpus_per_worker * workers + own
         if r.cpus_per_worker > biggest_cpu:
             raise ConfigError("run.cpus_per_worker", r.cpus_per_worker, f"at most {biggest_cpu:g} (the largest node's CPUs): {where}")
@@ -233,7 +236,7 @@ def storage_nodes(cfgs: list, nodes: list[dict[str, float]]) -> int:
     """How many nodes must see the storage: the alive ones, and at least 2 on a cluster that adds
     nodes on demand (``run.wait_for_resources=true`` with ``RAY_ADDRESS``): trials land on nodes not
     up yet."""
-    autoscaling = bool(os.environ.get("RAY_ADDRESS")) and any(c.run.wait_for_resources for c in cfgs)
+    autoscaling = os.environ.get("RAY_ADDRESS", "local") not in ("", "local") and any(c.run.wait_for_resources for c in cfgs)
     return max(len(nodes), 2 if autoscaling else 1)
 
 
