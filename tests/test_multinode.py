@@ -114,6 +114,8 @@ def test_ddp_workers_on_two_nodes_make_the_update_of_one_process_on_the_whole_ba
 
 @pytest.mark.slow
 def test_a_sweep_on_s3_runs_its_trials_on_two_nodes_and_a_rerun_is_served_from_the_cache(in_tmp, two_nodes, monkeypatch):
+    import ray
+
     cluster = two_nodes
     monkeypatch.setenv(storage.STORAGE_ENV, "s3://dynlab/sweep")  # what a cluster sets on its nodes
     monkeypatch.setenv(storage.STEP_CACHE_ENV, str(in_tmp / "step-cache"))
@@ -122,11 +124,12 @@ def test_a_sweep_on_s3_runs_its_trials_on_two_nodes_and_a_rerun_is_served_from_t
     base = config.cli_config([*DATA, "sweep.max_concurrent=2", "sweep.trial_cpus=1", "run.cpus_per_worker=0.5"])
     trials = sweeps.expand(base, grid={"optim.lr": [0.05, 0.1]})
     parent = tracking.open_run("two-nodes", "sweep")
-    before = actor_nodes(cluster, "ImplicitFunc")  # Tune's trial actors
     result = sweeps.run(base, trials, parent, "two-nodes", plugins=PLUGINS)
     assert list(result.table["status"]) == ["ok", "ok"] and sorted(result.trained) == sorted(t.id for t in trials)
-    nodes = [n for a, n in actor_nodes(cluster, "ImplicitFunc").items() if a not in before]
-    assert len(nodes) == 2 and len(set(nodes)) == 2
+    # each trial's child run names its node (the state API lost dead trial actors on a busy CI machine)
+    children = tracking.client(parent.uri).search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    nodes = [r.data.tags["dynlab.trial_node"] for r in children]
+    assert len(nodes) == 2 and len(set(nodes)) == 2 and set(nodes) <= {n["NodeID"] for n in ray.nodes()}
 
     in_bucket = bucket_files("s3://dynlab/sweep")
     for t in trials:  # checkpoints in the bucket; the selected weights fetched from it into the step cache

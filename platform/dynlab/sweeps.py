@@ -181,6 +181,7 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
     child run is keyed by the Train run's name, not by the parent: a trial interrupted under one
     invocation continues its curve in the same child run under the next (re-pointed to the new
     parent). ``owner`` is the driver process, which the run lives and dies with."""
+    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     training.import_plugins(plugins)
@@ -190,7 +191,8 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
     handle = tracking.open_run(
         experiment,
         spec["id"],
-        tags={"dynlab.trial": spec["id"], "dynlab.trial_label": spec["label"], "dynlab.train_key": spec["train_key"]},
+        # the node the trial ran on (the latest attempt's): where to look for its logs on a cluster
+        tags={"dynlab.trial": spec["id"], "dynlab.trial_label": spec["label"], "dynlab.train_key": spec["train_key"], "dynlab.trial_node": ray.get_runtime_context().get_node_id()},
         parent_run_id=parent["run_id"],
         resume_key=name,
         uri=parent["uri"],
