@@ -14,6 +14,14 @@ from dynlab.predictions import GatedPredictions, SubnetPredictions
 from dynlab.registry import register_method
 
 
+
+def cross_entropy_step(model, batch, backward) -> dict:
+    """One plain training step (cross-entropy on the model's logits), for stand-ins with one output."""
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    backward(loss)
+    return {"loss": loss.detach()}
+
 class TwoDepthNet(nn.Module):
     """A shallow path and a deep path (``skip=True`` drops the second block), like ADN's sub-networks."""
 
@@ -100,10 +108,7 @@ class StandInGated:
         return model
 
     def train_step(self, model, batch, backward):
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        backward(loss)
-        return {"loss": loss.detach()}
+        return cross_entropy_step(model, batch, backward)
 
     @torch.no_grad()
     def predict(self, model, images):

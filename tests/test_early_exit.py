@@ -98,12 +98,17 @@ def test_thresholds_must_match_the_models_number_of_exits():
             early_exit(model, x, wrong)
 
 
-def test_later_blocks_run_only_for_undecided_samples():
+def boostnet_with_geometric_exits():
+    """A 4-exit BoostNet, 64 random images and thresholds that exit them geometrically (q = 0.5)."""
     model = build("boostnet")
     x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         conf, _ = evaluation.confidence(torch.stack(model(x)))
-    thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(0.5, 4))
+    return model, x, evaluation.calibrate(conf, evaluation.geometric_distribution(0.5, 4))
+
+
+def test_later_blocks_run_only_for_undecided_samples():
+    model, x, thresholds = boostnet_with_geometric_exits()
     seen, res = block_batches(model, x, thresholds)
     expected = [(k, int((res.exit >= k).sum())) for k in range(4) if (res.exit >= k).any()]
     assert seen == expected and expected[-1][1] < 64
@@ -121,11 +126,7 @@ def block_batches(model, x, thresholds, **kw):
 
 
 def test_chunks_split_each_block_into_nearly_equal_parts_of_at_most_chunk_size():
-    model = build("boostnet")
-    x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        conf, _ = evaluation.confidence(torch.stack(model(x)))
-    thresholds = evaluation.calibrate(conf, evaluation.geometric_distribution(0.5, 4))
+    model, x, thresholds = boostnet_with_geometric_exits()
     seen, res = block_batches(model, x, thresholds, chunk_size=10)
     whole, _ = block_batches(model, x, thresholds)
     for k, n in whole:  # every undecided sample once, in ceil(n / 10) parts differing by at most one

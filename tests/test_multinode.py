@@ -24,7 +24,7 @@ from dynlab import data as data_mod
 from dynlab.errors import ConfigError
 from dynlab.predictions import GatedPredictions
 from dynlab.registry import get_method, register_method
-from tests.stand_ins import TwoDepthConfig, TwoDepthNet
+from tests.stand_ins import TwoDepthConfig, TwoDepthNet, cross_entropy_step
 from tests.test_storage import bucket_files, free_port, s3_env, s3_server  # noqa: F401  (s3_server: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,10 +46,7 @@ class MultiNodeNet:
         return TwoDepthNet(info.num_classes)
 
     def train_step(self, model, batch, backward):
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        backward(loss)
-        return {"loss": loss.detach()}
+        return cross_entropy_step(model, batch, backward)
 
     @torch.no_grad()
     def predict(self, model, images):
