@@ -102,7 +102,7 @@ class Bare:
         self.model, self.device, self.weights = model, device, getattr(method, "_weights", None)
         o = cfg.optim
         self.optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
-        self.amp = training._amp_dtype(cfg)
+        self.amp = training.autocast_dtype(cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.sampler = EpochPermutation(len(dataset), cfg.run.seed)
         bs = cfg.data.batch_size

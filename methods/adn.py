@@ -27,7 +27,7 @@ from dynlab.errors import ConfigError
 from dynlab.predictions import SubnetPredictions
 from dynlab.registry import DatasetInfo, get_backbone, register_method
 from methods.backbones import adn_mobilenetv2, adn_resnet, adn_swin, adn_vit  # noqa: F401  (register the ADN backbones)
-from methods.backbones.adn_resnet import subnet_names
+from methods.backbones.adn_base import subnet_names
 
 
 @dataclass

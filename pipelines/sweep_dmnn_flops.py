@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from dynlab import pipeline, sweeps
-from dynlab.config import _split_list
+from dynlab.config import split_list
 from dynlab.errors import ConfigError
 
 EXPERIMENT = "sweep_dmnn_flops"
@@ -38,7 +38,7 @@ ALIASES = {"epochs": "run.epochs"}
 
 def parse_lambdas(text: str) -> list[float]:
     try:
-        values = [float(v) for v in _split_list("lambdas", text)]
+        values = [float(v) for v in split_list("lambdas", text)]
     except (TypeError, ValueError):
         raise ConfigError("lambdas", text, "a list of non-negative numbers, e.g. [0.5,2]") from None
     if not values or any(v < 0 for v in values) or len(set(values)) != len(values):

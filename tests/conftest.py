@@ -34,3 +34,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The fault tests print one "[faults] ..." line of counts each; pytest hides a passing test's
+# output, so the lines are gathered here and shown at the end of every run (CI's log included).
+_FAULT_LINES: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _FAULT_LINES.extend(line for line in report.capstdout.splitlines() if line.startswith("[faults]"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FAULT_LINES:
+        terminalreporter.section("faults injected and recovered")
+        for line in _FAULT_LINES:
+            terminalreporter.write_line(line)

@@ -15,7 +15,8 @@ from dynlab.errors import ConfigError
 from dynlab.predictions import SubnetPredictions
 from dynlab.registry import get_method
 from methods.adn import feature_kd, logit_kd
-from methods.backbones.adn_resnet import ADNResNet, mandatory_count, subnet_names
+from methods.backbones.adn_base import mandatory_count, subnet_names
+from methods.backbones.adn_resnet import ADNResNet
 
 
 def tiny(block="basic", layers=(2, 2, 2, 2), width=4, classes=10, **kw):

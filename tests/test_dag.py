@@ -447,6 +447,7 @@ def test_an_unwritable_cache_fails_before_any_step_and_names_the_path(tmp_path):
     with pytest.raises(dag.CacheError, match=r"cannot create the step cache folder .*not-a-folder/cache/\.tmp") as err:
         dag.run(steps, blocker / "cache", log=lambda s: None)
     assert isinstance(err.value, DynlabError) and ran_steps(tmp_path) == []
+    print("[faults] unwritable step cache: refused before any step, steps run 0, cache entries 0")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -484,6 +485,7 @@ def test_a_full_disk_while_writing_the_result_leaves_no_cache_entry(tmp_path, mo
     monkeypatch.setattr(Path, "write_text", real_write)  # space freed: the same command works
     assert dag.run(steps, cache, log=lambda s: None).ran == ["a"]
     assert dag.run(steps, cache, log=lambda s: None).cached == ["a"]
+    print("[faults] full disk while writing a step result: 1 injected write failure, half-written cache entries 0, re-run ran then cached")
 
 
 def test_a_failed_commit_leaves_no_cache_entry(tmp_path, monkeypatch):
@@ -500,6 +502,7 @@ def test_a_failed_commit_leaves_no_cache_entry(tmp_path, monkeypatch):
     rec = dag.run(steps, cache, log=lambda s: None).record("a")
     assert rec.status == "failed" and "Read-only file system" in rec.error and f"{cache}/source/{rec.key}" in rec.error
     assert cache_entries(cache) == [] and not (cache / "source" / rec.key).exists()
+    print("[faults] read-only cache at commit: 1 injected write failure, cache entries 0")
 
 
 def test_a_full_disk_while_the_step_writes_its_files_leaves_no_cache_entry(tmp_path):
@@ -509,3 +512,4 @@ def test_a_full_disk_while_the_step_writes_its_files_leaves_no_cache_entry(tmp_p
     assert rec.status == "failed" and rec.attempts == 1
     assert "No space left on device" in rec.error and str(cache / ".tmp") in rec.error
     assert cache_entries(cache) == []
+    print("[faults] full disk while a step writes its files: 1 injected write failure, cache entries 0")

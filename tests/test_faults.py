@@ -1,6 +1,6 @@
 """Faults injected into real runs (real Ray, real MLflow), each counted: every trial ends trained to
 its configured epochs, no MLflow run is left RUNNING, each trial has one child run, and every
-epoch's metrics arrive exactly once. Each test prints its counts (shown with ``pytest -rA``)."""
+epoch's metrics arrive exactly once. Each test prints its counts (gathered by conftest.py and shown at the end of the run)."""
 
 from __future__ import annotations
 

@@ -81,6 +81,39 @@ def test_in_process_run_resumes_from_its_last_checkpoint(in_tmp, capfd):
     assert sorted(p.name for p in (in_tmp / "dynlab_runs" / "resume-me").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
 
 
+def test_a_full_disk_while_checkpointing_names_the_path_and_leaves_no_partial_checkpoint(in_tmp, monkeypatch):
+    """Fault 5 for checkpoints: ENOSPC while epoch 2's checkpoint is written. The error names the
+    folder; nothing half-written is left for a resume to read; the same command, once there is
+    space, resumes after epoch 1 and finishes."""
+    import errno
+    import os
+
+    from dynlab.errors import StorageError
+
+    cfg = config.cli_config(["method=joint", "msdnet.n_blocks=2", "epochs=2", *SMALL])
+    real_save, writes = torch.save, []
+
+    def full_at_epoch_two(obj, f, *a, **kw):
+        writes.append(str(f))
+        if isinstance(obj, dict) and obj.get("epoch") == 1:
+            real_save(obj, f, *a, **kw)  # half of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_at_epoch_two)
+    root = in_tmp / "dynlab_runs" / "full-disk"
+    with pytest.raises(StorageError, match=r"checkpoint of epoch 2 into .*full-disk/\.partial_epoch_0001: No space left on device"):
+        training.fit(cfg, "full-disk")
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith((".partial", "epoch_")))
+    assert left == ["epoch_0000"]
+
+    monkeypatch.setattr(torch, "save", real_save)
+    again = training.fit(cfg, "full-disk")
+    assert torch.load(f"{again.checkpoint_dir}/state.pt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith((".partial", "epoch_"))) == ["epoch_0000", "epoch_0001"]
+    print(f"[faults] full disk while checkpointing: 1 injected write failure, partial checkpoints left {len(left) - 1}, resumed after epoch 1, 2/2 epochs")
+
+
 HELDOUT_CLASS, TEST_CLASS = 1, 2
 SCRIPT = [0, HELDOUT_CLASS, TEST_CLASS]  # the class every image is given in epoch 0, 1, 2
 

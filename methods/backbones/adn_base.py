@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from typing import Iterator
 
 from torch import nn
@@ -12,6 +13,30 @@ from torch import nn
 from dynlab import costs
 
 NORMS = (nn.BatchNorm2d, nn.LayerNorm)
+
+
+def mandatory_count(n_blocks: int) -> int:
+    """Blocks in a stage's mandatory half: min(n-1, ceil(n/2)) (ResNet-50 [3,4,6,3] -> [2,2,3,2])."""
+    return min(n_blocks - 1, (n_blocks + 1) // 2)
+
+
+def subnet_names(stages: int) -> list[str]:
+    """Every sub-network, base-net first and super-net last (``TTTT`` ... ``FFFF``)."""
+    return ["".join(p) for p in itertools.product("TF", repeat=stages)]
+
+
+def parse_skip(skip, stages: int) -> list[bool]:
+    """``None`` (super-net), a name like ``"TFFT"`` or a list of bools -> one bool per stage."""
+    if skip is None:
+        return [False] * stages
+    if isinstance(skip, str):
+        if len(skip) != stages or set(skip) - {"T", "F"}:
+            raise ValueError(f"skip {skip!r}: expected {stages} letters T/F, one per stage")
+        return [c == "T" for c in skip]
+    skip = [bool(s) for s in skip]
+    if len(skip) != stages:
+        raise ValueError(f"skip has {len(skip)} entries for {stages} stages")
+    return skip
 
 
 def add_skip_norms(block: nn.Module) -> None:
@@ -96,8 +121,6 @@ class SubnetCosts:
     @property
     def cost_table(self) -> costs.CostTable:
         """One row per sub-network (base-net first, super-net last), measured once on first use."""
-        from methods.backbones.adn_resnet import subnet_names
-
         if self._cost_table is None:
             names = subnet_names(self.num_stages)
             rows = [self.subnet_cost(n) for n in names]

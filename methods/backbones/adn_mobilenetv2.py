@@ -16,8 +16,7 @@ from torchvision.models.mobilenetv2 import MobileNetV2
 
 from dynlab.config import bounded
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, add_skip_norms, skip_norms_in
-from methods.backbones.adn_resnet import parse_skip
+from methods.backbones.adn_base import SubnetCosts, add_skip_norms, parse_skip, skip_norms_in
 
 GROUP_SIZES = [1, 2, 3, 4, 3, 3, 1]  # torchvision's inverted-residual setting, n per group
 

@@ -15,7 +15,6 @@ CIFAR stem (3x3/1 conv, no pooling, any width) makes variants that train on 32x3
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,33 +24,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts
+from methods.backbones.adn_base import SubnetCosts, mandatory_count, parse_skip
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-
-
-def mandatory_count(n_blocks: int) -> int:
-    """Blocks in a stage's mandatory half: min(n-1, ceil(n/2)) (ResNet-50 [3,4,6,3] -> [2,2,3,2])."""
-    return min(n_blocks - 1, (n_blocks + 1) // 2)
-
-
-def subnet_names(stages: int) -> list[str]:
-    """Every sub-network, base-net first and super-net last (``TTTT`` ... ``FFFF``)."""
-    return ["".join(p) for p in itertools.product("TF", repeat=stages)]
-
-
-def parse_skip(skip, stages: int) -> list[bool]:
-    """``None`` (super-net), a name like ``"TFFT"`` or a list of bools -> one bool per stage."""
-    if skip is None:
-        return [False] * stages
-    if isinstance(skip, str):
-        if len(skip) != stages or set(skip) - {"T", "F"}:
-            raise ValueError(f"skip {skip!r}: expected {stages} letters T/F, one per stage")
-        return [c == "T" for c in skip]
-    skip = [bool(s) for s in skip]
-    if len(skip) != stages:
-        raise ValueError(f"skip has {len(skip)} entries for {stages} stages")
-    return skip
 
 
 def _norm_names(block: nn.Module) -> list[str]:

@@ -21,8 +21,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTran
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, add_skip_norms, skip_norms_in
-from methods.backbones.adn_resnet import mandatory_count, parse_skip
+from methods.backbones.adn_base import SubnetCosts, add_skip_norms, mandatory_count, parse_skip, skip_norms_in
 
 
 class CountedWindowAttention(ShiftedWindowAttention):

@@ -20,8 +20,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, add_skip_norms, skip_norms_in
-from methods.backbones.adn_resnet import parse_skip
+from methods.backbones.adn_base import SubnetCosts, add_skip_norms, parse_skip, skip_norms_in
 
 
 class CountedAttention(nn.MultiheadAttention):

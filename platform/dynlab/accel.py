@@ -1,6 +1,6 @@
 """Accelerator settings of the training loop, each a config key (see docs/gpu.md):
 
-* ``run.amp`` (none / bf16 / fp16): autocast in the loop (``training._amp_dtype``); fp16 adds loss
+* ``run.amp`` (none / bf16 / fp16): autocast in the loop (``training.autocast_dtype``); fp16 adds loss
   scaling. bf16 also runs on a CPU.
 * ``run.channels_last``: the model's 4-D weights and every 4-D input batch in NHWC layout
   (:func:`prepare_model`, :func:`to_device`): tensor cores and cuDNN's fast convolution kernels

@@ -232,7 +232,7 @@ def _number(text: str):
         return None
 
 
-def _split_list(key: str, text: str) -> list:
+def split_list(key: str, text: str) -> list:
     """``"-0.5,1"`` or ``"[1e-1, 2]"`` (a list YAML could not read) -> items, each parsed alone.
     Commas separate items and a minus sign belongs to its number; only a string of non-negative
     integers joined by dashes (``1-2-4``) is read as the references' dash-separated list."""
@@ -275,7 +275,7 @@ def _coerce(key: str, value, tp, meta) -> Any:
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         if isinstance(value, str):
-            value = _split_list(key, value)
+            value = split_list(key, value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -303,8 +303,8 @@ def _coerce(key: str, value, tp, meta) -> Any:
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "a number")
-        if math.isnan(value):
-            raise ConfigError(key, value, "a number (not nan)")
+        if not math.isfinite(value):  # inf trains a useless model as happily as nan
+            raise ConfigError(key, value, "a finite number")
         value = float(value)
     elif tp is str:
         if value is None:

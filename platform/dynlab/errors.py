@@ -32,6 +32,10 @@ class DataError(DynlabError):
     """A dataset cannot be found or read."""
 
 
+class StorageError(DynlabError):
+    """A result cannot be written where it belongs (a full disk, a read-only folder)."""
+
+
 def input_error(err: BaseException) -> DynlabError | None:
     """The DynlabError behind ``err``, also when Ray wrapped it: a task's ``cause``, chained
     exceptions, and the per-worker errors of a Ray Train ``WorkerGroupError`` (``worker_failures``)."""

@@ -14,6 +14,7 @@ only, never the test set.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from dynlab import config as config_mod
+from dynlab.errors import StorageError
 from dynlab.predictions import ExitPredictions, GatedPredictions, Predictions, SubnetPredictions, concat
 
 STATE_FILE = "state.pt"
@@ -145,7 +147,7 @@ def load_trained(cfg, checkpoint_dir: str | Path, info, which: str = BEST_FILE):
 # ---------------------------------------------------------------- the worker loop
 
 
-def _amp_dtype(cfg):
+def autocast_dtype(cfg):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.amp]
 
 
@@ -246,7 +248,7 @@ def build_loop(cfg, rank: int = 0, world: int = 1, device: torch.device | None =
     model = accel.prepare_model(method.build_model(bundle.info), cfg, device)  # on the device; channels_last
     optimizer = build_optimizer(model, cfg, method)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
-    amp_dtype = _amp_dtype(cfg)
+    amp_dtype = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
 
@@ -456,16 +458,20 @@ def save_checkpoint(loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
     }
     if loop.local_root is None:
         with tempfile.TemporaryDirectory() as d:
-            _write_checkpoint(Path(d), state, loop.best_state, loop.cfg)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
+            folder = Path(d) / "checkpoint"
+            with _unwritable_as_storage_error(folder, epoch):
+                folder.mkdir()
+                _write_checkpoint(folder, state, loop.best_state, loop.cfg)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=f"epoch_{epoch:04d}")
         return
     final = loop.local_root / f"epoch_{epoch:04d}"
     partial = loop.local_root / f".partial_epoch_{epoch:04d}"
-    partial.mkdir(parents=True, exist_ok=True)
-    same_best = loop.best_saved[1] if loop.best_saved and loop.best_saved[0] == loop.best_epoch else None
-    _write_checkpoint(partial, state, loop.best_state, loop.cfg, same_best)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)  # atomic: a half-written checkpoint is never found as complete
+    with _unwritable_as_storage_error(partial, epoch):
+        partial.mkdir(parents=True, exist_ok=True)
+        same_best = loop.best_saved[1] if loop.best_saved and loop.best_saved[0] == loop.best_epoch else None
+        _write_checkpoint(partial, state, loop.best_state, loop.cfg, same_best)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)  # atomic: a half-written checkpoint is never found as complete
     loop.best_saved = (loop.best_epoch, final / BEST_FILE)
     for old in sorted(loop.local_root.glob("epoch_*"))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
@@ -489,6 +495,20 @@ def _best_effort(fn, *args):
     except Exception as err:  # noqa: BLE001
         _progress(f"tracking call {getattr(fn, '__name__', fn)} failed, training goes on: {type(err).__name__}: {err}")
         return None
+
+
+@contextlib.contextmanager
+def _unwritable_as_storage_error(folder: Path, epoch: int):
+    """A full disk or a read-only folder while checkpointing: the half-written folder is removed
+    (a later run never resumes from it) and the error names the path, in one line."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise StorageError(
+            f"cannot write the checkpoint of epoch {epoch + 1} into {folder}: {err.strerror or err}; "
+            "free space (or set run.storage_path), then run the same command again: it resumes from the last complete checkpoint"
+        ) from err
 
 
 def _write_checkpoint(d: Path, state: dict, best_state: dict, cfg, same_best: Path | None = None) -> None:
