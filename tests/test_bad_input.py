@@ -98,6 +98,10 @@ ROWS = [
     ("train", ["run.storage_path={tmp}/ray/session_1/runtime_resources/runs"], ["'run.storage_path'", "outside Ray's session folder"]),
     ("temperature", ["sweep.cache_dir=s3://bucket/cache"], ["'sweep.cache_dir' = 's3://bucket/cache'", "a folder (local, or on a shared file system"]),
     ("train", ["workers=0", "run.storage_path=s3://bucket/runs"], ["'run.num_workers' = 0", "at least 1 with remote storage (s3://bucket/runs)"]),
+    ("train", ["method=imta", "imta.alpha=1.5"], ["'imta.alpha' = 1.5", ">= 0.0 and <= 1.0"]),
+    ("train", ["method=imta", "imta.temperature=0"], ["'imta.temperature' = 0.0", "a number > 0"]),
+    ("train", ["method=imta", "imta.phase=2"], ["'run.init_from' = ''", "a phase-I checkpoint", "imta.phase=2"]),
+    ("train", ["method=imta", "imta.phase=2", "run.init_from={tmp}/runs/other-arch/epoch_0000/best.pt"], ["'run.init_from'", "other-arch", "a checkpoint of this msdnet", "differ from this model's", "same backbone settings"]),
 ]
 
 

@@ -150,6 +150,51 @@ def test_phase2_changes_exactly_the_trainable_parameters(phase1, freeze):
         assert (params - old_linear) <= changed and not (old_linear & changed)
 
 
+def test_phase2_last_layer_of_each_classifier_trains_exactly_the_new_parts(phase1):
+    """The paper's phase II ("fine-tune only the last layer of each classifier"): classifier_init=phase1
+    with freeze=phase1. The new classifiers start as phase I's Linear layers (ISC columns at zero);
+    the first step moves the classifiers only (the ISC path reaches the loss through those zero
+    columns: zero gradient; its BatchNorm statistics do move, in train mode), the second also the
+    ISC modules; nothing of phase I ever changes, BatchNorm statistics included. No weight decay, so
+    that a parameter moves only by its gradient."""
+    folder, p1 = phase1
+    cfg, method, model = phase2(folder, "imta.isc=true", "imta.ofa=true", "imta.classifier_init=phase1", "imta.freeze=phase1", "optim.weight_decay=0")
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in p1.state_dict().items():
+        assert torch.equal(loaded[k], v)
+    for k, head in enumerate(p1.backbone.heads):  # each new classifier = phase I's Linear of its exit
+        w = model.classifiers[k].weight
+        assert w.shape == (C, W * (2 if k else 1))
+        assert torch.equal(w[:, :W], head.linear.weight) and torch.equal(model.classifiers[k].bias, head.linear.bias)
+        assert not w[:, W:].any()  # ISC columns start at zero
+    params = {k for k, _ in model.named_parameters()}
+    classifiers = {k for k in params if k.startswith("classifiers.")}
+    isc_params = {k for k in params if k.startswith("isc.")}
+    isc_stats = {k for k in loaded if k.startswith("isc.") and k not in params}  # BN1d running statistics
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == classifiers | isc_params
+    assert len(classifiers) == 8 and len(isc_params) == 3 * 4 and len(isc_stats) == 3 * 3
+
+    _one_sgd_step(cfg, method, model)
+    after = model.state_dict()
+    assert {k for k in loaded if not torch.equal(loaded[k], after[k])} == classifiers | isc_stats
+    for k, p in model.named_parameters():
+        if k in isc_params:  # trainable, but silent on the first step
+            assert p.grad is not None and not p.grad.any(), k
+        elif k in classifiers:
+            assert p.grad is not None and p.grad.abs().sum() > 0, k
+        else:
+            assert p.grad is None, k
+
+    _one_sgd_step(cfg, method, model)  # the ISC columns are non-zero now: the ISC modules learn too
+    after = model.state_dict()
+    changed = {k for k in loaded if not torch.equal(loaded[k], after[k])}
+    # the bias of ISC's Linear feeds a training-mode BatchNorm, which subtracts it again: its
+    # gradient is zero but for rounding, so it may or may not move (by ~1e-9)
+    pre_bn_bias = {f"isc.{i}.0.bias" for i in range(3)}
+    assert classifiers | (isc_params - pre_bn_bias) | isc_stats <= changed <= classifiers | isc_params | isc_stats
+    assert all((after[k] - loaded[k]).abs().max() < 1e-6 for k in pre_bn_bias)
+
+
 def test_classifier_init_phase1_starts_at_phase_one_predictions(phase1):
     folder, p1 = phase1
     _, _, model = phase2(folder, "imta.isc=true", "imta.classifier_init=phase1")
