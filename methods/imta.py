@@ -67,6 +67,7 @@ class IMTAConfig:
     freeze: str = choice("phase1", "phase1", "none", help="phase 2: phase1 = every phase-I parameter frozen (reference); none = fine-tune all")
     classifier_init: str = choice("fresh", "fresh", "phase1", help="phase 2: fresh classifiers (reference), or start from the phase-I Linear (paper: fine-tune the last layer)")
     exit_weights: list[float] = field(default_factory=list, metadata={"help": "loss weight per exit; empty = all 1"})
+    phase2_epochs: int = bounded(0, 0, help="IMTA pipelines: phase-II epochs; 0 = round(0.6 x run.epochs), the paper's 180 after 300 (by hand, run.epochs of the phase-2 run)")
 
     def validate(self, section: str) -> None:
         if self.temperature <= 0:

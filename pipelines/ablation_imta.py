@@ -11,11 +11,11 @@ and table, like the temperature ablation.
 Phase I is shared as the paper does: the phase-II rows start from the phase-I rows' published
 weights (``run.init_from`` = ``<cache>/train/<phase-I train hash>``), so ISC and OFA reuse one
 training of "none", and phase-II knobs (imta.alpha, imta.temperature, imta.isc_detach, imta.freeze,
-...) are left out of the phase-I configs: changing them never retrains phase I. Until the pipeline
-layer chains training stages itself, this module runs two sweeps in one MLflow run (see
-``pipelines.imta_common``): first the phase-I rows, then the whole five-row pipeline, in which the
-phase-I rows are found in the cache. Phase II trains for ``round(0.6 * run.epochs)`` epochs (the paper's
-180 after 300) with the same optimiser settings (milestones are fractions: 90/135 of 180).
+...) are left out of the phase-I configs: changing them never retrains phase I. The pipeline
+declares two training stages (see ``pipelines.imta_common``): ``sweep[phase1]`` trains the phase-I
+rows, ``sweep[phase2]`` runs after it, then every row is predicted, calibrated, evaluated and
+compared. Phase II trains for ``imta.phase2_epochs`` epochs (default ``round(0.6 * run.epochs)``,
+the paper's 180 after 300) with the same optimiser settings (milestones are fractions: 90/135 of 180).
 The phase-II rows' own configs are checked when they start (their phase-I weights do not exist
 before); everything the config alone reveals (alpha, T, ...) fails before anything starts.
 
@@ -23,8 +23,8 @@ Laptop (digits, CPU, local Ray and MLflow; a few minutes on 2 cores):
     python -m pipelines.ablation_imta
 Cluster (a running Ray head; see README "Clusters"):
     ray job submit --working-dir . -- python -m pipelines.ablation_imta \\
-        preset=msdnet-cifar100-lingrow5 dataset=cifar100 data.root=/data/cifar100 epochs=300 batch_size=64 \\
-        optim.nesterov=true run.use_gpu=true sweep.max_concurrent=5
+        preset=msdnet-cifar100-lingrow5 dataset=cifar100 data.root=/mnt/efs/dynlab/data/cifar100 epochs=300 batch_size=64 \\
+        optim.nesterov=true run.use_gpu=true run.wait_for_resources=true sweep.max_concurrent=5
 Knobs: imta.alpha, imta.temperature, imta.kl_reduction, imta.isc_detach, imta.freeze,
 imta.classifier_init (phase II); imta.gradient_rescale=true (the reference's GE form, MSDNet only)
 for the GE rows; backbone=ranet; sweep.repeats=3; and every training key (see --help).

@@ -1,9 +1,9 @@
 """What IMTA's pipelines share: phase-I and phase-II trial configs, and running the two phases.
 
-Until the pipeline layer chains training stages itself, a two-phase pipeline runs two sweeps in one
-MLflow run: first its phase-I trials (published to the train cache under their train hash), then
-the whole pipeline, in which the phase-I trials are found cached and each phase-II trial starts
-from ``run.init_from = <cache>/train/<its phase-I train hash>``. Knobs a trial does not use (phase-II
+A two-phase pipeline declares two training stages (:class:`dynlab.pipeline.Stage`): ``phase1``,
+whose trials publish their weights to the train cache under their train hash, and ``phase2``, run
+after it, whose trials start from ``run.init_from = <cache>/train/<their phase-I train hash>``
+(a phase-II trial whose phase I did not finish is reported failed, not started). Knobs a trial does not use (phase-II
 knobs in phase I, OFA's on a row without OFA, ...) are set to their defaults in its config, so that
 changing them never retrains it (phase I is trained once per phase-I config).
 """
@@ -19,7 +19,7 @@ from dynlab.errors import ConfigError
 
 PHASE2_EPOCHS = 0.6  # fraction of run.epochs (IMTA: 180 phase-II epochs after 300 of phase I)
 OFA_KNOBS, ISC_KNOBS = ("alpha", "temperature", "kl_reduction", "ofa_teacher"), ("isc_detach",)
-PHASE2_KNOBS = (*OFA_KNOBS, *ISC_KNOBS, "freeze", "classifier_init")
+PHASE2_KNOBS = (*OFA_KNOBS, *ISC_KNOBS, "freeze", "classifier_init", "phase2_epochs")
 GE_KEYS = ("imta.gradient_equilibrium", "imta.gradient_rescale")
 
 
@@ -43,12 +43,13 @@ def phase1_overrides(cfg, row: dict) -> dict:
 
 
 def phase2_overrides(cfg, start: sweeps.Trial, row: dict) -> dict:
-    """A phase-II trial on phase-I trial ``start``: its GE settings, 0.6 of the epochs, the unused
-    part's knobs at their defaults, then ``row``."""
+    """A phase-II trial on phase-I trial ``start``: its GE settings, ``imta.phase2_epochs`` (default
+    0.6 of run.epochs), the unused part's knobs at their defaults, then ``row``."""
     ge = {k: start.overrides.get(k, getattr(cfg.method_cfg, k.split(".")[1])) for k in GE_KEYS}
     unused = (OFA_KNOBS if not row.get("imta.ofa") else ()) + (ISC_KNOBS if not row.get("imta.isc") else ())
     init = str(sweeps.cache_root(cfg) / sweeps.TRAIN_CACHE / start.train_key)
-    return {"imta.phase": 2, "run.epochs": max(1, round(PHASE2_EPOCHS * cfg.run.epochs)), "run.init_from": init, **ge, **_defaults(cfg, unused), **row}
+    epochs = cfg.method_cfg.phase2_epochs or max(1, round(PHASE2_EPOCHS * cfg.run.epochs))
+    return {"imta.phase": 2, "run.epochs": epochs, "run.init_from": init, **ge, **_defaults(cfg, unused), **row}
 
 
 def shared_budgets(cfg):
@@ -83,17 +84,17 @@ def is_phase1(t: sweeps.Trial) -> bool:
     return t.config["imta"]["phase"] == 1
 
 
+def stages(trials: list[sweeps.Trial], compare_phase1: bool = True) -> list[pipeline.Stage]:
+    """Phase I, then phase II from its weights (``compare_phase1=False``: phase I is trained for
+    phase II, not evaluated or compared)."""
+    return [
+        pipeline.Stage("phase1", [t for t in trials if is_phase1(t)], compare=compare_phase1),
+        pipeline.Stage("phase2", [t for t in trials if not is_phase1(t)], after="phase1"),
+    ]
+
+
 def run(cfg, handle, experiment: str, trials: list[sweeps.Trial], title: str, compare_phase1: bool = True) -> dict:
-    """Phase I first (a sweep of the phase-I trials, cached), then the pipeline over all trials
-    (``compare_phase1=False``: the phase-II trials only; phase I is trained, not compared)."""
-    first = sweeps.run(cfg, [t for t in trials if is_phase1(t)], handle, experiment)
-    failed = first.table[first.table["status"] != "ok"]
-    if len(failed):  # phase II cannot start; the pipeline's table reports them with the rest
-        print(f"[imta] phase I did not finish for {', '.join(failed['trial'])}: the phase-II trials on them will fail", flush=True)
-    rows = trials if compare_phase1 else [t for t in trials if not is_phase1(t)]
-    out = pipeline.run(cfg, rows, handle, experiment, title)
-    out["trained"] = sorted(set(first.trained) | set(out["trained"]))
-    return out
+    return pipeline.run(cfg, stages(trials, compare_phase1), handle, experiment, title)
 
 
 def plan(cfg, rows: list[sweeps.Trial]) -> list:

@@ -4,7 +4,8 @@ evaluated and compared in one figure and table, with the phase-I network as the 
 
 Grid by default (alpha x T); ``sweep.num_samples=N`` draws N random points instead (alpha uniform
 in [0, 1], T log-uniform in [0.5, 8], sampled with the run seed); ``sweep.asha=true`` stops weak
-trials early. Phase II trains for 0.6 of ``run.epochs`` (see ``pipelines.imta_common``).
+trials early. Phase II trains for ``imta.phase2_epochs`` (default 0.6 of ``run.epochs``; see
+``pipelines.imta_common``: two stages, phase I then phase II from its cached weights).
 
 Laptop (digits, CPU, local Ray and MLflow; a few minutes on 2 cores):
     python -m pipelines.sweep_imta_distillation
@@ -12,8 +13,8 @@ Laptop (digits, CPU, local Ray and MLflow; a few minutes on 2 cores):
     python -m pipelines.sweep_imta_distillation sweep.num_samples=8 sweep.asha=true
 Cluster (a running Ray head; see README "Clusters"):
     ray job submit --working-dir . -- python -m pipelines.sweep_imta_distillation \\
-        preset=msdnet-cifar100-lingrow5 dataset=cifar100 data.root=/data/cifar100 epochs=300 batch_size=64 \\
-        optim.nesterov=true run.use_gpu=true sweep.max_concurrent=6
+        preset=msdnet-cifar100-lingrow5 dataset=cifar100 data.root=/mnt/efs/dynlab/data/cifar100 epochs=300 batch_size=64 \\
+        optim.nesterov=true run.use_gpu=true run.wait_for_resources=true sweep.max_concurrent=6
 """
 
 from __future__ import annotations

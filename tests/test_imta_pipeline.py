@@ -40,6 +40,42 @@ def test_phase2_knobs_never_change_phase1():
     seeds = ablation_imta.trials(base("sweep.repeats=2"))
     assert [t.id for t in seeds][:5] == ["none-seed0", "GE-seed0", "ISC-seed0", "OFA-seed0", "all-seed0"]
     assert Path(seeds[7].cfg().run.init_from).name == seeds[5].train_key  # seed 1's ISC on seed 1's phase I
+    c = {t.id: t for t in ablation_imta.trials(base("imta.phase2_epochs=3"))}
+    assert c["none"].train_key == a["none"] and c["GE"].train_key == a["GE"]  # phase II's own epochs: phase I unchanged
+    assert c["ISC"].cfg().run.epochs == 3 and c["none"].cfg().run.epochs == base().run.epochs
+
+
+def test_the_dag_chains_phase2_after_phase1():
+    """Two declared stages: one sweep step each, phase II's after phase I's; every row predicted
+    from the step that trained it; without compare_phase1, phase I is trained but not evaluated."""
+    from dynlab import pipeline, tracking
+    from pipelines import imta_common
+
+    rows = ablation_imta.trials(base())
+    parent = tracking.RunHandle("sqlite:///unused.db", "run", "0")
+    steps = {s.name: s for s in pipeline.build(base(), imta_common.stages(rows), parent, "x", "t", ["methods"])}
+    assert [n for n in steps if n.startswith("sweep")] == ["sweep[phase1]", "sweep[phase2]"]
+    assert steps["sweep[phase2]"].inputs == {"upstream": "sweep[phase1]"} and steps["sweep[phase1]"].inputs == {}
+    assert steps["predict[none]"].inputs["trained"] == ("sweep[phase1]", "none")
+    assert steps["predict[all]"].inputs["trained"] == ("sweep[phase2]", "all")
+    assert set(steps["report"].inputs) == {"s0", "s1", *(f"e{i}" for i in range(5))}
+    only2 = {s.name for s in pipeline.build(base(), imta_common.stages(rows, compare_phase1=False), parent, "x", "t", ["methods"])}
+    assert "sweep[phase1]" in only2 and "predict[none]" not in only2 and "predict[ISC]" in only2
+
+
+def test_a_phase2_trial_whose_phase1_failed_is_not_started():
+    from dynlab import pipeline
+
+    rows = {t.id: t for t in ablation_imta.trials(base())}
+    upstream = {
+        "none": {"status": "failed", "train_key": rows["none"].train_key},
+        "GE": {"status": "ok", "train_key": rows["GE"].train_key},
+        "trained": ["GE"],
+    }
+    blocked = pipeline.blocked_trials([rows[k] for k in ("ISC", "OFA", "all")], upstream)
+    assert blocked == {"ISC": "not started: the trial it starts from (none) failed", "OFA": "not started: the trial it starts from (none) failed"}
+    with pytest.raises(ValueError, match="'after' must name an earlier stage"):
+        pipeline.as_stages([pipeline.Stage("b", [], after="a"), pipeline.Stage("a", [])])
 
 
 def test_bad_input_is_refused_before_anything_runs(in_tmp, capsys):
@@ -70,7 +106,8 @@ def test_one_phase1_training_serves_two_phase2_trials(in_tmp, ray_local):
     assert out["trained"] == ["ISC", "OFA", "none"]  # three trainings: phase I once for both phase-II rows
     assert len(list((sweeps.cache_root(cfg) / "train").iterdir())) == 3
     assert out["figure"] and list(out["summary"]["label"]) == ["none", "ISC", "OFA"]
-    assert out["dag"]["sweep"]["none"]["checkpoint_dir"] == str(Path(rows[1].cfg().run.init_from))
+    assert out["dag"]["sweep[phase1]"]["none"]["checkpoint_dir"] == str(Path(rows[1].cfg().run.init_from))
+    assert out["dag"].record("sweep[phase2]").status == "ran"
 
 
 def test_distillation_sweep_shares_one_phase1():
