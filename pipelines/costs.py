@@ -3,11 +3,18 @@
     python -m pipelines.costs preset=msdnet-cifar100-b7
     python -m pipelines.costs preset=msdnet-imagenet-s4 --json
     python -m pipelines.costs backbone=msdnet msdnet.n_blocks=3 dataset=cifar10
+    python -m pipelines.costs preset=adn-mobilenetv2 convention=adn-paper
     python -m pipelines.costs --list
 
 Keys: ``preset=``, ``backbone=``, ``dataset=`` (or ``data.name=``; classes and input size from
 ``dynlab.data.static_info``; default: the preset's dataset, else digits), ``image_size=`` (or
-``data.image_size=``; 0 = dataset default) and ``<backbone>.<field>=`` overrides of the config.
+``data.image_size=``; 0 = dataset default), ``convention=`` and ``<backbone>.<field>=`` overrides of
+the config.
+
+``convention=reference`` (default): the early-exit references' counter (convs, linears, ReLU,
+pooling; ``dynlab.costs``). ``convention=adn-paper``: the ADN paper's counter, which also counts
+normalisation layers (2 ops per output element); the table's title line says so. ``--json`` always
+carries a ``convention`` field.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 import methods  # noqa: F401  (fills the registries)
 from dynlab import registry
 from dynlab.config import build_section, parse_overrides
+from dynlab import costs
 from dynlab.costs import CostTable
 from dynlab.data import static_info
 from dynlab.errors import ConfigError, DynlabError
@@ -50,7 +58,7 @@ def build(overrides: dict[str, Any]):
     for key, value in values.items():
         head, _, rest = key.partition(".")
         if head != backbone or not rest:
-            raise ConfigError(key, value, f"a known key: preset, backbone, dataset, image_size, {backbone}.<field>")
+            raise ConfigError(key, value, f"a known key: preset, backbone, dataset, image_size, convention, {backbone}.<field>")
         base[rest] = value
     cfg = build_section(backbone, entry.config_cls, base)
 
@@ -63,9 +71,10 @@ def build(overrides: dict[str, Any]):
     return preset_name, backbone, cfg, info, model
 
 
-def report(preset_name: str, backbone: str, cfg, info, table: CostTable) -> dict[str, Any]:
+def report(preset_name: str, backbone: str, cfg, info, table: CostTable, convention: str = "reference") -> dict[str, Any]:
     return {
         "preset": preset_name,
+        "convention": convention,
         "backbone": backbone,
         "dataset": info.name,
         "input": [1, info.channels, info.image_size, info.image_size],
@@ -89,7 +98,9 @@ def _what_rows_are(names: list[str]) -> str:
 def format_table(rep: dict[str, Any]) -> str:
     title = rep["preset"] or rep["backbone"]
     names = [row["name"] for row in rep["exits"]]
-    lines = [f"{title}  ({rep['dataset']}, input {'x'.join(map(str, rep['input']))}; {_what_rows_are(names)})"]
+    conv = rep.get("convention", "reference")
+    note = "" if conv == "reference" else f"; convention {conv}: {costs.CONVENTIONS[conv]}"
+    lines = [f"{title}  ({rep['dataset']}, input {'x'.join(map(str, rep['input']))}; {_what_rows_are(names)}{note})"]
     width = max([4, *(len(n) for n in names)])
     lines.append(f"{'row':>4}  {'name':<{width}}  {'MMACs':>10}  {'params (M)':>10}")
     for row in rep["exits"]:
@@ -116,14 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in args if a.startswith("-")]
         if unknown:
             raise ConfigError(unknown[0], unknown[0], "--json, --list, --help or key=value")
-        preset_name, backbone, cfg, info, model = build(parse_overrides(args))
-        table = getattr(model, "cost_table", None)
+        overrides = parse_overrides(args)
+        convention = overrides.pop("convention", "reference")
+        if convention not in costs.CONVENTIONS:
+            raise ConfigError("convention", convention, f"one of {', '.join(costs.CONVENTIONS)}")
+        # models measure themselves at build or on first use of cost_table: both inside the block
+        with costs.convention(convention):
+            preset_name, backbone, cfg, info, model = build(overrides)
+            table = getattr(model, "cost_table", None)
         if table is None:
             raise ConfigError("backbone", backbone, "a backbone whose model measures its exit costs (cost_table)")
     except DynlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rep = report(preset_name, backbone, cfg, info, table)
+    rep = report(preset_name, backbone, cfg, info, table, convention)
     print(json.dumps(rep, indent=2) if as_json else format_table(rep))
     return 0
 

@@ -155,6 +155,66 @@ def test_no_grad_and_no_change_to_weights():
         assert torch.equal(v, state[k]), k  # eval mode: BN running stats untouched
 
 
+class Norms(nn.Module):
+    """One of each normalisation layer on a 1x4x6x6 input (144 elements per sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(6)
+        self.bare = nn.BatchNorm2d(4, affine=False)  # no scale and shift: one op per element
+        self.conv = nn.Conv2d(4, 2, 1, bias=False)  # 4*2*36 = 288 MACs in every convention
+
+    def forward(self, x):
+        return self.conv(self.bare(self.ln(self.gn(self.bn(x)))))
+
+
+NORM_ELEMENTS = 4 * 6 * 6  # output elements of each norm layer, per sample
+
+
+def test_adn_paper_convention_adds_two_ops_per_norm_output_element():
+    assert list(costs.CONVENTIONS) == ["reference", "adn-paper"]
+    assert costs.current_convention() == "reference"
+    m = Norms()
+    reference = measure_total(m, (2, 4, 6, 6))  # batch 2: still per sample
+    assert reference == measure_total(m, (1, 4, 6, 6), convention="reference") == (288, 8 + 8 + 12 + 8)
+    paper = measure_total(m, (2, 4, 6, 6), convention="adn-paper")
+    assert paper[0] - reference[0] == 2 * NORM_ELEMENTS * 3 + NORM_ELEMENTS  # bn, gn, ln affine; bare not
+    assert paper[1] == reference[1]  # parameters do not depend on the convention
+
+    # the tiny model: its one BatchNorm (4x8x8 outputs) adds 2 x 256 ops to the hand count
+    assert measure_total(tiny_model(), (1, 3, 8, 8), convention="adn-paper") == (TINY_MACS + 2 * 4 * 8 * 8, TINY_PARAMS)
+    # per exit too: TwoExits has no norm layer, so nothing moves
+    t = TwoExits()
+    assert measure_exits(t, (1, 1, 4, 4), [t.head1, t.head2], convention="adn-paper") == measure_exits(t, (1, 1, 4, 4), [t.head1, t.head2])
+
+
+def test_convention_context_reaches_every_measurement_and_is_restored():
+    m = Norms()
+    reference, paper = measure_total(m, (4, 6, 6)), measure_total(m, (4, 6, 6), convention="adn-paper")
+    with costs.convention("adn-paper") as name:
+        assert name == "adn-paper" == costs.current_convention()
+        assert measure_total(m, (4, 6, 6)) == paper  # no argument: the block's convention
+        assert measure_total(m, (4, 6, 6), convention="reference") == reference  # an argument wins
+        assert costs.module_macs(m.bn, (), torch.zeros(1, 4, 6, 6)) == 2 * NORM_ELEMENTS
+        counter = costs.CostCounter(m)  # fixed when made
+        with costs.convention("reference"):
+            assert measure_total(m, (4, 6, 6)) == reference
+            assert counter.convention == "adn-paper"
+        assert costs.current_convention() == "adn-paper"
+    assert costs.current_convention() == "reference"
+    assert costs.module_macs(m.bn, (), torch.zeros(1, 4, 6, 6)) == 0
+
+    with pytest.raises(RuntimeError, match="boom"), costs.convention("adn-paper"):
+        raise RuntimeError("boom")
+    assert costs.current_convention() == "reference"  # restored after an error too
+    for bad in (lambda: costs.convention("ptflops").__enter__(), lambda: measure_total(m, (4, 6, 6), convention="paper")):
+        with pytest.raises(ValueError, match="reference, adn-paper"):
+            bad()
+    assert costs.current_convention() == "reference"
+
+
 def test_cost_table_frame_and_dict():
     t = CostTable(macs=[1e6, 3e6], params=[10, 25], names=["a", "b"])
     df = t.to_frame()
@@ -220,3 +280,36 @@ def test_pipeline_in_process(capsys):
     assert cmd.main(["ranet.n_blocks=2"]) == 2
     assert cmd.main(["preset=msdnet-cifar100-b7", "backbone=other"]) == 2
     assert cmd.main(["--bogus"]) == 2
+
+
+def test_pipeline_convention_flag(capsys):
+    from pipelines import costs as cmd
+
+    # default: the table and its title are today's; the JSON names the convention
+    assert cmd.main(["preset=adn-resnet-cifar"]) == 0
+    default_text = capsys.readouterr().out.splitlines()
+    assert "convention" not in default_text[0]
+    assert cmd.main(["preset=adn-resnet-cifar", "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["convention"] == "reference"
+
+    assert cmd.main(["preset=adn-resnet-cifar", "convention=adn-paper", "--json"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert paper["convention"] == "adn-paper"
+    assert [e["name"] for e in paper["exits"]] == [e["name"] for e in default["exits"]]
+    assert all(p["macs"] > d["macs"] and p["params"] == d["params"] for p, d in zip(paper["exits"], default["exits"]))
+    assert cmd.main(["preset=adn-resnet-cifar", "convention=adn-paper"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert "convention adn-paper" in text[0] and "normalisation" in text[0]
+    assert costs.current_convention() == "reference"  # the command's block does not leak
+
+    # early-exit backbones measure at build, inside the block too
+    assert cmd.main(["backbone=msdnet", "msdnet.n_blocks=2", "dataset=cifar10", "convention=adn-paper", "--json"]) == 0
+    msd_paper = json.loads(capsys.readouterr().out)
+    assert cmd.main(["backbone=msdnet", "msdnet.n_blocks=2", "dataset=cifar10", "--json"]) == 0
+    msd = json.loads(capsys.readouterr().out)
+    assert all(p["macs"] > d["macs"] for p, d in zip(msd_paper["exits"], msd["exits"]))
+
+    assert cmd.main(["preset=adn-resnet-cifar", "convention=ptflops"]) == 2
+    err = capsys.readouterr().err
+    assert "convention" in err and "adn-paper" in err and "Traceback" not in err

@@ -10,6 +10,18 @@ typed in by hand. Per sample (the batch dimension is divided out):
 - Linear: weights + bias (``in * out + out``) per row;
 - BatchNorm, interpolation, concatenation, additions and anything else: not counted.
 
+That is the ``"reference"`` convention, the default. The ``"adn-paper"`` convention (the counter of
+the ADN paper, ptflops' rule) adds normalisation layers on top of it: BatchNorm (1d/2d/3d),
+LayerNorm, GroupNorm and InstanceNorm count two ops per output element (normalise, then scale and
+shift), one when the layer has no affine parameters; everything else is counted as above. Choose it
+per call (``measure_total(model, shape, convention="adn-paper")``) or for every measurement made
+inside a block, models that measure themselves included (an ADN network's ``cost_table``)::
+
+    with costs.convention("adn-paper"):
+        table = model.cost_table
+
+A model that caches its cost table keeps the convention it was first measured in.
+
 Parameters: every parameter of a module (BatchNorm included) counts once, the first time the module
 executes; a module that runs several times adds its MACs every time. Cumulative costs per exit are
 snapshots of the running totals taken when each exit module finishes its forward, so the cost of
@@ -20,6 +32,8 @@ This module imports neither ``methods`` nor ``pipelines``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -27,7 +41,24 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CostTable", "CostCounter", "count_forward", "module_macs", "measure_exits", "measure_total"]
+__all__ = [
+    "CONVENTIONS",
+    "CostTable",
+    "CostCounter",
+    "convention",
+    "count_forward",
+    "current_convention",
+    "module_macs",
+    "measure_exits",
+    "measure_total",
+]
+
+# name -> what it counts (shown by pipelines.costs)
+CONVENTIONS = {
+    "reference": "convs, linears, ReLU and pooling (the early-exit references' counter)",
+    "adn-paper": "normalisation layers counted too, 2 ops per output element (the ADN paper's counter)",
+}
+_CONVENTION: contextvars.ContextVar[str] = contextvars.ContextVar("dynlab_costs_convention", default="reference")
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RELU = (nn.ReLU, nn.ReLU6)
@@ -40,6 +71,47 @@ _ADAPTIVE_POOL = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
+_NORM = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
+
+def _check(name: str) -> str:
+    if name not in CONVENTIONS:
+        raise ValueError(f"cost convention {name!r}: expected one of {', '.join(CONVENTIONS)}")
+    return name
+
+
+def current_convention() -> str:
+    """The convention measurements use when none is given (``"reference"`` unless inside :func:`convention`)."""
+    return _CONVENTION.get()
+
+
+@contextlib.contextmanager
+def convention(name: str):
+    """Measure in convention ``name`` (a key of :data:`CONVENTIONS`) inside the block, including
+    measurements that models make of themselves; the previous convention is restored on exit."""
+    token = _CONVENTION.set(_check(name))
+    try:
+        yield name
+    finally:
+        _CONVENTION.reset(token)
+
+
+def _norm_ops(module: nn.Module, output: Any) -> float:
+    """The ADN paper's normalisation cost: 2 ops per output element (1 without affine parameters)."""
+    if not isinstance(output, torch.Tensor):
+        return 0.0
+    affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
+    return float(_per_sample(output) * (2 if affine else 1))
 
 
 @dataclass
@@ -96,8 +168,12 @@ def _pair(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def module_macs(module: nn.Module, inputs: tuple, output: Any) -> float:
-    """Multiply-adds of one call of ``module`` for one sample; 0 for uncounted module types."""
+def module_macs(module: nn.Module, inputs: tuple, output: Any, convention: str | None = None) -> float:
+    """Multiply-adds of one call of ``module`` for one sample; 0 for uncounted module types.
+    ``convention``: a key of :data:`CONVENTIONS`; default: :func:`current_convention`."""
+    if isinstance(module, _NORM):
+        conv = _check(convention) if convention is not None else current_convention()
+        return _norm_ops(module, output) if conv == "adn-paper" else 0.0
     if isinstance(module, _CONV):
         if not isinstance(output, torch.Tensor):
             return 0.0
@@ -136,10 +212,13 @@ class CostCounter:
 
     ``marks`` are modules after whose forward the running totals are recorded (the last call wins
     when a mark runs several times). Hooks are removed when the context closes, even on error.
+    ``convention`` (a key of :data:`CONVENTIONS`) is fixed when the counter is made; default:
+    :func:`current_convention`.
     """
 
-    def __init__(self, model: nn.Module, marks: Sequence[nn.Module] = ()):
+    def __init__(self, model: nn.Module, marks: Sequence[nn.Module] = (), convention: str | None = None):
         self.model = model
+        self.convention = _check(convention) if convention is not None else current_convention()
         self.marks = list(marks)
         self._mark_index = {id(m): i for i, m in enumerate(self.marks)}
         if len(self._mark_index) != len(self.marks):
@@ -155,7 +234,7 @@ class CostCounter:
             if id(p) not in self._seen_params:
                 self._seen_params.add(id(p))
                 self.params += p.numel()
-        self.macs += module_macs(module, inputs, output)
+        self.macs += module_macs(module, inputs, output, self.convention)
         k = self._mark_index.get(id(module))
         if k is not None:
             self.snapshots[k] = (self.macs, self.params)
@@ -193,13 +272,16 @@ def _input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
-def count_forward(model: nn.Module, input_shape: Sequence[int], marks: Sequence[nn.Module] = ()) -> CostCounter:
+def count_forward(
+    model: nn.Module, input_shape: Sequence[int], marks: Sequence[nn.Module] = (), convention: str | None = None
+) -> CostCounter:
     """Count one forward pass of ``model`` on a zero input of ``input_shape`` (``(C, H, W)`` or
     ``(1, C, H, W)``), in eval mode under no_grad; the modules' train/eval modes are restored
-    afterwards. Returns the closed :class:`CostCounter` (totals, and a snapshot per mark)."""
+    afterwards. Returns the closed :class:`CostCounter` (totals, and a snapshot per mark).
+    ``convention``: see :class:`CostCounter`."""
     modes = [(m, m.training) for m in model.modules()]
     x = _input(model, input_shape)
-    counter = CostCounter(model, marks)
+    counter = CostCounter(model, marks, convention)
     try:
         model.eval()
         with torch.no_grad(), counter:
@@ -215,14 +297,16 @@ def _names(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:
     return [by_id.get(id(m), f"exit{k}") or f"exit{k}" for k, m in enumerate(modules)]
 
 
-def measure_exits(model: nn.Module, input_shape: Sequence[int], exit_modules: Sequence[nn.Module]) -> CostTable:
+def measure_exits(
+    model: nn.Module, input_shape: Sequence[int], exit_modules: Sequence[nn.Module], convention: str | None = None
+) -> CostTable:
     """Cumulative MACs and parameters at each exit, in the order of ``exit_modules``.
 
     ``input_shape`` is ``(C, H, W)`` or ``(1, C, H, W)``. Raises if an exit never runs or the exits
     run out of the given order (cumulative costs would then not be increasing by construction).
     """
     exit_modules = list(exit_modules)
-    counter = count_forward(model, input_shape, exit_modules)
+    counter = count_forward(model, input_shape, exit_modules, convention)
     missing = [k for k in range(len(exit_modules)) if k not in counter.snapshots]
     if missing:
         raise ValueError(f"measure_exits: exit module(s) {missing} did not run in the forward pass")
@@ -233,7 +317,7 @@ def measure_exits(model: nn.Module, input_shape: Sequence[int], exit_modules: Se
     return CostTable(macs=macs, params=params, names=_names(model, exit_modules))
 
 
-def measure_total(model: nn.Module, input_shape: Sequence[int]) -> tuple[float, int]:
+def measure_total(model: nn.Module, input_shape: Sequence[int], convention: str | None = None) -> tuple[float, int]:
     """MACs and parameters of one whole forward pass (only modules that execute count)."""
-    counter = count_forward(model, input_shape)
+    counter = count_forward(model, input_shape, convention=convention)
     return counter.macs, counter.params
