@@ -12,6 +12,11 @@ KL_T(t, s) = T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over rows. For log
 sample (``topk`` > 0 keeps only the teacher's k most likely classes, as the reference code does
 with 500 on ImageNet); for stage features [B,C,H,W] a row is one position's channel vector
 (our reading of the paper's Eq. 2: the distribution of the features over channels at each place).
+
+``run.init_from``: a dynlab ADN checkpoint of the same network (loaded strictly), or a torchvision
+state dict of the architecture (e.g. ImageNet weights of resnet50): it loads into the super-net and
+every skip-aware norm starts as a copy of its loaded norm (``ADN.load_init``). A file that is
+neither is refused when the model is built, so the driver's preflight refuses it before training.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dynlab.errors import ConfigError
 from dynlab.predictions import SubnetPredictions
 from dynlab.registry import DatasetInfo, get_backbone, register_method
 from methods.backbones import adn_mobilenetv2, adn_resnet, adn_swin, adn_vit  # noqa: F401  (register the ADN backbones)
-from methods.backbones.adn_base import subnet_names
+from methods.backbones.adn_base import SKIP_NORMS, load_torchvision, subnet_names, torchvision_mismatches
 
 
 @dataclass
@@ -65,6 +70,17 @@ def feature_kd(teacher: list[torch.Tensor], student: list[torch.Tensor], tempera
     return sum(kd_rows(rows(t), rows(s), temperature) for t, s in zip(teacher, student))
 
 
+def read_init(source: str) -> dict:
+    """The weights of ``run.init_from``, as the training loop reads them; a missing or unreadable
+    file is a ConfigError."""
+    from dynlab.training import BEST_FILE, read_weights
+
+    try:
+        return read_weights(source)
+    except Exception as err:  # noqa: BLE001 - missing or unreadable: the same problem for the user
+        raise ConfigError("run.init_from", source, f"a readable .pt file (a dynlab ADN checkpoint or a torchvision state dict), or a folder holding {BEST_FILE} ({type(err).__name__}: {str(err)[:160]})") from None
+
+
 def _net(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP wraps the network
 
@@ -91,7 +107,41 @@ class ADN:
         entry = get_backbone(self.cfg.backbone)
         model = entry.build(self.cfg.backbone_cfg, info, skip_aware_norms=self.mcfg.skip_aware_norms)
         self.subnets(model)  # unknown sub-network names fail here, before training
+        source = self.cfg.run.init_from
+        if source and "://" not in source:
+            # checked now, so that the driver's preflight (which builds the model) refuses a file
+            # that load_init would refuse (preflight leaves methods with a load_init hook to them)
+            self.init_kind(model, read_init(source), source)
         return model
+
+    def init_kind(self, model: nn.Module, state, source: str) -> str:
+        """``"adn"`` when ``state`` is a dynlab checkpoint of this very network (every key and
+        shape), ``"torchvision"`` when it is a torchvision state dict of its architecture (see
+        adn_base.load_torchvision); anything else is a ConfigError on ``run.init_from``."""
+        net = _net(model)
+        allowed = f"a dynlab ADN checkpoint of this {self.cfg.backbone} (same settings) or a torchvision state dict of its architecture"
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise ConfigError("run.init_from", source, f"{allowed}; it holds something else, not a state dict of tensors")
+        own = net.state_dict()
+        if state.keys() == own.keys() and all(v.shape == own[k].shape for k, v in state.items()):
+            return "adn"
+        if any(SKIP_NORMS in k for k in state):  # an ADN checkpoint, of other settings
+            bad = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+            bad = [f"{k} ({'shape differs' if k in own and k in state else 'missing' if k in own else 'not in this model'})" for k in bad]
+        else:
+            bad = torchvision_mismatches(net, state)
+            if not bad:
+                return "torchvision"
+        raise ConfigError("run.init_from", source, f"{allowed} ({len(bad)} tensor(s) differ, e.g. {bad[0]})")
+
+    def load_init(self, model: nn.Module, state: dict, source: str) -> None:
+        """``run.init_from`` into a new model (the training loop calls this before epoch 0 of a run
+        that does not resume): a dynlab ADN checkpoint strictly; a torchvision state dict into the
+        super-net, every skip-aware norm starting as a copy of its loaded norm."""
+        if self.init_kind(model, state, source) == "adn":
+            _net(model).load_state_dict(state)
+        else:
+            load_torchvision(_net(model), state)
 
     def subnets(self, model: nn.Module) -> list[str]:
         every = subnet_names(_net(model).num_stages)

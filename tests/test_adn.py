@@ -266,3 +266,23 @@ def test_individual_baselines_train_one_network_with_cross_entropy(which, name):
     assert any(n.startswith("layer1.1.") for n in grads[0]) == (which == "super")  # the skippable half trains only in the super-net
     preds = method.predict(model.eval(), x)
     assert preds.names == [name]
+
+
+@pytest.mark.slow
+def test_resnet101_super_and_base_net_costs_are_torchvisions_resnet101_and_its_halved_stages():
+    """The paper gives no ResNet-101-ADN costs; measured with the same counter, the super-net
+    costs exactly torchvision's ResNet-101 (torchvision documents 7.8 GFLOPs, i.e. GMACs, at
+    224x224) and the base-net exactly a torchvision ResNet with the mandatory [2,2,12,2] blocks."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from dynlab import costs
+    from tests.presets import preset_model
+    from tests.test_adn_presets import PINNED
+
+    model = preset_model("adn-resnet101")
+    super_net, base_net = model.subnet_cost("FFFF"), model.subnet_cost("TTTT")
+    shape = (1, 3, 224, 224)
+    assert super_net == costs.measure_total(torchvision.models.resnet101(), shape)  # weights=None: no download
+    assert base_net == costs.measure_total(ResNet(Bottleneck, [2, 2, 12, 2]), shape)
+    assert abs(super_net[0] - 7.8e9) / 7.8e9 < 0.02 and abs(base_net[0] - 4.54e9) / 4.54e9 < 0.01
+    assert (super_net[0], base_net[0]) == (PINNED["adn-resnet101"][0][-1], PINNED["adn-resnet101"][0][0])

@@ -39,12 +39,15 @@ def parse_skip(skip, stages: int) -> list[bool]:
     return skip
 
 
-def add_skip_norms(block: nn.Module) -> None:
+def add_skip_norms(block: nn.Module, paths: dict[str, str] | None = None) -> None:
     """Give ``block`` a second copy of each of its norm layers (``block.skip_norms``: same init,
-    separate parameters and running statistics)."""
-    paths = [name for name, m in block.named_modules() if isinstance(m, NORMS)]
-    block.skip_norms = nn.ModuleDict({p.replace(".", "_"): copy.deepcopy(block.get_submodule(p)) for p in paths})
-    block.skip_norm_paths = paths
+    separate parameters and running statistics). ``paths``: skip-norm key -> path of the norm it
+    stands in for (default: every norm of the block, keyed by its path with ``_`` for ``.``);
+    recorded as ``block.skip_norm_paths``."""
+    if paths is None:
+        paths = {name.replace(".", "_"): name for name, m in block.named_modules() if isinstance(m, NORMS)}
+    block.skip_norms = nn.ModuleDict({k: copy.deepcopy(block.get_submodule(p)) for k, p in paths.items()})
+    block.skip_norm_paths = dict(paths)
 
 
 @contextlib.contextmanager
@@ -56,15 +59,70 @@ def skip_norms_in(block: nn.Module, active: bool) -> Iterator[None]:
         return
     swapped = []
     try:
-        for path in block.skip_norm_paths:
+        for key, path in block.skip_norm_paths.items():
             parent_path, _, leaf = path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
             swapped.append((parent, leaf, parent._modules[leaf]))
-            parent._modules[leaf] = block.skip_norms[path.replace(".", "_")]
+            parent._modules[leaf] = block.skip_norms[key]
         yield
     finally:
-        for parent, leaf, original in swapped:
+        for parent, leaf, original in reversed(swapped):
             parent._modules[leaf] = original
+
+
+# ---- torchvision weights -------------------------------------------------------------------------
+
+SKIP_NORMS = ".skip_norms."  # in the state-dict key of every skip-aware norm tensor
+
+
+def skip_norm_pairs(net: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(name, skip-aware norm, the main norm it stands in for) for every skip-aware norm of ``net``."""
+    for name, block in net.named_modules():
+        if hasattr(block, "skip_norms") and hasattr(block, "skip_norm_paths"):
+            for key, path in block.skip_norm_paths.items():
+                yield f"{name}.skip_norms.{key}", block.skip_norms[key], block.get_submodule(path)
+
+
+def copy_main_norms(net: nn.Module) -> None:
+    """Every skip-aware norm becomes a copy of its main norm (weights, biases, running statistics),
+    so that the base-net starts from the loaded norms (as the ADN reference does)."""
+    for _, skip, main in skip_norm_pairs(net):
+        skip.load_state_dict(main.state_dict())
+
+
+def torchvision_mismatches(net: nn.Module, state_dict: dict) -> list[str]:
+    """What keeps ``state_dict`` from being a torchvision state dict of ``net``'s architecture: keys
+    it lacks (other than the skip-aware norms, which torchvision has not), keys ``net`` lacks (the
+    skip-aware norms included: a state dict holding them is an ADN checkpoint), tensors of another
+    shape. Empty when it loads."""
+    import torch
+
+    own = net.state_dict()
+    out = [f"{k} (not a tensor)" for k, v in state_dict.items() if not torch.is_tensor(v)]
+    out += [f"{k} (a skip-aware norm: torchvision has none, this is an ADN checkpoint)" for k in state_dict if SKIP_NORMS in k]
+    out += [f"{k} (not in this {type(net).__name__})" for k in state_dict if k not in own and SKIP_NORMS not in k]
+    out += [f"{k} (missing)" for k in own if k not in state_dict and SKIP_NORMS not in k]
+    out += [f"{k} (shape {tuple(v.shape)}, this {type(net).__name__} has {tuple(own[k].shape)})"
+            for k, v in state_dict.items() if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    return out
+
+
+def load_torchvision(net: nn.Module, state_dict: dict) -> None:
+    """Load a torchvision state dict (same keys as torchvision's model; the skip-aware norms may be
+    absent, nothing else) into the ADN super-net ``net``, then start every skip-aware norm as a copy
+    of its loaded main norm. Anything else is a ValueError naming one offending key."""
+    bad = torchvision_mismatches(net, state_dict)
+    if bad:
+        raise ValueError(f"not a torchvision state dict of this {type(net).__name__}: {len(bad)} key(s) differ, e.g. {bad[0]}")
+    net.load_state_dict(state_dict, strict=False)
+    copy_main_norms(net)
+
+
+class TorchvisionWeights:
+    """Mixin: ``net.load_torchvision(state_dict)`` (see :func:`load_torchvision`)."""
+
+    def load_torchvision(self, state_dict: dict) -> None:
+        load_torchvision(self, state_dict)
 
 
 class _Subnet(nn.Module):

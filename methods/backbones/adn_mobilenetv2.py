@@ -1,6 +1,8 @@
 """ADN MobileNetV2: torchvision's MobileNetV2 (its modules and state-dict layout), every
 inverted-residual group of n >= 2 blocks a stage whose blocks i >= (n+1)//2 are skippable
 (REFERENCE.md section 6); skip-aware BN in the mandatory blocks of a skipped stage.
+``load_torchvision(state_dict)`` loads a torchvision checkpoint into the super-net, the
+skip-aware norms starting as copies of the loaded ones (adn_base.load_torchvision).
 
 The CIFAR stem (``cifar_stem``) makes the first conv stride 1, so 32x32 inputs keep a 2x2 map at
 the end; with a small ``width_mult`` the network trains on this machine.
@@ -16,7 +18,7 @@ from torchvision.models.mobilenetv2 import MobileNetV2
 
 from dynlab.config import bounded
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, add_skip_norms, parse_skip, skip_norms_in
+from methods.backbones.adn_base import SubnetCosts, TorchvisionWeights, add_skip_norms, parse_skip, skip_norms_in
 
 GROUP_SIZES = [1, 2, 3, 4, 3, 3, 1]  # torchvision's inverted-residual setting, n per group
 
@@ -26,7 +28,7 @@ def mandatory_blocks(n: int) -> int:
     return (n + 1) // 2
 
 
-class ADNMobileNetV2(SubnetCosts, nn.Module):
+class ADNMobileNetV2(SubnetCosts, TorchvisionWeights, nn.Module):
     def __init__(self, num_classes: int, width_mult: float = 1.0, skip_aware_norms: bool = True,
                  in_channels: int = 3, image_size: int = 224, cifar_stem: bool = False):
         super().__init__()

@@ -14,7 +14,6 @@ CIFAR stem (3x3/1 conv, no pooling, any width) makes variants that train on 32x3
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -24,14 +23,17 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, mandatory_count, parse_skip
+from methods.backbones.adn_base import SubnetCosts, TorchvisionWeights, add_skip_norms, mandatory_count, parse_skip
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def _norm_names(block: nn.Module) -> list[str]:
+def _norm_paths(block: nn.Module) -> dict[str, str]:
+    """Skip-norm key -> path of the torchvision norm it stands in for (``downsample``: the BN of
+    the downsample branch)."""
     names = ["bn1", "bn2"] + (["bn3"] if isinstance(block, Bottleneck) else [])
-    return names + (["downsample"] if block.downsample is not None else [])
+    paths = {n: n for n in names}
+    return paths | ({"downsample": "downsample.1"} if block.downsample is not None else {})
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, skip_norms: bool) -> torch.Tensor:
@@ -49,7 +51,7 @@ def block_forward(block: nn.Module, x: torch.Tensor, skip_norms: bool) -> torch.
     return block.relu(out + identity)
 
 
-class ADNResNet(SubnetCosts, nn.Module):
+class ADNResNet(SubnetCosts, TorchvisionWeights, nn.Module):
     """ResNet with skippable second halves; attribute names follow torchvision's ResNet."""
 
     def __init__(self, block: str, layers: list[int], num_classes: int, width: int = 64, stem: str = "imagenet",
@@ -81,12 +83,8 @@ class ADNResNet(SubnetCosts, nn.Module):
         if skip_aware_norms:  # copies of the mandatory blocks' norms: same init, separate statistics
             for stage, m in zip(self.stages, self.mandatory):
                 for b in list(stage)[:m]:
-                    b.skip_norms = nn.ModuleDict({k: copy.deepcopy(self._norm(b, k)) for k in _norm_names(b)})
+                    add_skip_norms(b, _norm_paths(b))
         self._cost_table = None
-
-    @staticmethod
-    def _norm(block: nn.Module, name: str) -> nn.Module:
-        return block.downsample[1] if name == "downsample" else getattr(block, name)
 
     def _make_layer(self, blk, planes: int, n: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -123,19 +121,6 @@ class ADNResNet(SubnetCosts, nn.Module):
             features.append(x)
         logits = self.fc(torch.flatten(self.avgpool(x), 1))
         return (logits, features) if return_features else logits
-
-    def load_torchvision(self, state_dict: dict) -> None:
-        """Load a torchvision ResNet state dict into the super-net; the skip-aware norms start as
-        copies of the loaded norms."""
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        bad = [k for k in missing if ".skip_norms." not in k]
-        if bad or unexpected:
-            raise ValueError(f"not a matching torchvision ResNet state dict: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
-        for stage, m in zip(self.stages, self.mandatory):
-            for b in list(stage)[:m]:
-                if hasattr(b, "skip_norms"):
-                    for k in b.skip_norms:
-                        b.skip_norms[k].load_state_dict(self._norm(b, k).state_dict())
 
 
 @dataclass

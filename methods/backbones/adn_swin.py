@@ -3,6 +3,8 @@ every stage split by the ResNet rule (Swin-T: mandatory [1,1,3,1] of [2,2,6,2]; 
 section 6), skip-aware LayerNorm in the mandatory blocks of a skipped stage. Stochastic depth is
 off by default: the paper disables it for the base-net, since randomly dropping blocks conflicts
 with skipping sub-paths.
+``load_torchvision(state_dict)`` loads a torchvision checkpoint into the super-net, the
+skip-aware norms starting as copies of the loaded ones (adn_base.load_torchvision).
 
 Costs: the window attention runs its q/k/v and output projections functionally and its products as
 matmuls, so it is :class:`CountedWindowAttention` (same layout, a ``macs`` method) and
@@ -21,7 +23,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTran
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, add_skip_norms, mandatory_count, parse_skip, skip_norms_in
+from methods.backbones.adn_base import SubnetCosts, TorchvisionWeights, add_skip_norms, mandatory_count, parse_skip, skip_norms_in
 
 
 class CountedWindowAttention(ShiftedWindowAttention):
@@ -39,7 +41,7 @@ class CountedWindowAttention(ShiftedWindowAttention):
         return sum(p.numel() for m in (self.qkv, self.proj) for p in m.parameters())
 
 
-class ADNSwin(SubnetCosts, SwinTransformer):
+class ADNSwin(SubnetCosts, TorchvisionWeights, SwinTransformer):
     def __init__(self, patch_size: int, embed_dim: int, depths: list[int], num_heads: list[int], window_size: int,
                  num_classes: int, stochastic_depth_prob: float = 0.0, skip_aware_norms: bool = True, image_size: int = 224):
         super().__init__([patch_size, patch_size], embed_dim, list(depths), list(num_heads), [window_size, window_size],

@@ -1,6 +1,8 @@
 """ADN ViT: torchvision's VisionTransformer (modules and state-dict layout unchanged), its encoder
 blocks in 4 groups, the last block of each group skippable (ViT-B/16: 12 blocks, groups of 3;
 REFERENCE.md section 6), skip-aware LayerNorm in the mandatory blocks of a skipped group.
+``load_torchvision(state_dict)`` loads a torchvision checkpoint into the super-net, the
+skip-aware norms starting as copies of the loaded ones (adn_base.load_torchvision).
 
 Costs: ``dynlab.costs`` counts modules by hooks, and ``nn.MultiheadAttention`` runs its projections
 functionally (no Linear hook fires) and its two attention products are plain matmuls. So the
@@ -20,7 +22,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from dynlab.config import bounded
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo, register_backbone, register_preset
-from methods.backbones.adn_base import SubnetCosts, add_skip_norms, parse_skip, skip_norms_in
+from methods.backbones.adn_base import SubnetCosts, TorchvisionWeights, add_skip_norms, parse_skip, skip_norms_in
 
 
 class CountedAttention(nn.MultiheadAttention):
@@ -35,7 +37,7 @@ class CountedAttention(nn.MultiheadAttention):
         return sum(p.numel() for p in self.out_proj.parameters())  # used functionally: its hook never fires
 
 
-class ADNViT(SubnetCosts, VisionTransformer):
+class ADNViT(SubnetCosts, TorchvisionWeights, VisionTransformer):
     def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int,
                  num_classes: int, groups: int = 4, skip_aware_norms: bool = True):
         super().__init__(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, num_classes=num_classes)
