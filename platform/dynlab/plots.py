@@ -156,7 +156,8 @@ def overlay_figure(runs: dict[str, Run | list[Run]], title: str) -> Figure:
     _finish(axes[0], "anytime")
     if has_budget:
         _finish(axes[1], "budgeted batch")
-    fig.suptitle(f"{title}\nerror bars: binomial standard error of the test accuracy (one seed), std over seeds (several)", fontsize="medium")
+    # short enough for a one-panel figure (6 inches): the long form was cut at both edges
+    fig.suptitle(f"{title}\nerror bars: binomial SE of test accuracy (one seed) or std over seeds", fontsize="medium")
     return fig
 
 
