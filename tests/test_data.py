@@ -281,6 +281,46 @@ def test_cifar100_coarse_labels_reader(tmp_path):
     assert D.read_coarse_labels(tmp_path, "train") == [1, 19, 0]
 
 
+def _fake_cifar100(root, fine, coarse):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train", "wb") as f:  # the real file's keys, as pickle.load(encoding="latin1") gives them
+        pickle.dump({"filenames": [f"{i}.png" for i in range(len(fine))], "fine_labels": fine, "coarse_labels": coarse}, f)
+    return DataConfig(name="cifar100", root=str(root))
+
+
+def test_cifar100_categories_map_each_fine_class_to_its_superclass(tmp_path):
+    fine = [i for i in range(100) for _ in range(2)][::-1]  # two samples per class, any order
+    cfg = _fake_cifar100(tmp_path, fine, [(f * 7) % 20 for f in fine])
+    mapping = D.cifar100_categories(cfg)
+    assert mapping == [(f * 7) % 20 for f in range(100)] and sorted(set(mapping)) == list(range(20))
+    assert D.class_categories("auto", cfg, 100) == mapping and D.class_categories("none", cfg, 100) is None
+    # superclass names from the meta file when there is one, else numbered
+    assert D.category_names("auto", cfg, 20) == [f"category {i}" for i in range(20)]
+    with open(tmp_path / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [str(i) for i in range(100)], "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+    assert D.category_names("auto", cfg, 20)[19] == "super19"
+
+
+def test_cifar100_categories_refuse_a_missing_or_inconsistent_fine_class(tmp_path):
+    no_42 = [f for f in range(100) if f != 42]
+    with pytest.raises(DataError, match=r"data.root.*no sample of fine class\(es\) \[42\]"):
+        D.cifar100_categories(_fake_cifar100(tmp_path / "a", no_42, [f // 5 for f in no_42]))
+    twice = list(range(100)) + [3]
+    with pytest.raises(DataError, match=r"fine class 3 has two superclasses \(0 and 7\)"):
+        D.cifar100_categories(_fake_cifar100(tmp_path / "b", twice, [f // 5 for f in range(100)] + [7]))
+    with pytest.raises(DataError, match="fine and coarse labels"):
+        D.cifar100_categories(_fake_cifar100(tmp_path / "c", list(range(100)), [0] * 99))  # one label short
+    folder = tmp_path / "d" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    with open(folder / "train", "wb") as f:
+        pickle.dump({"fine_labels": list(range(100))}, f)  # no coarse labels at all
+    with pytest.raises(DataError, match="fine and coarse labels"):
+        D.cifar100_categories(DataConfig(name="cifar100", root=str(tmp_path / "d")))
+    with pytest.raises(DataError, match="unknown fine class"):
+        D.cifar100_categories(_fake_cifar100(tmp_path / "e", [*range(100), 100], [*(f // 5 for f in range(100)), 0]))
+
+
 def test_static_info_kept():
     assert D.static_info("cifar100").num_classes == 100
     with pytest.raises(ConfigError):

@@ -1,6 +1,8 @@
 """dynlab.gating: execution rates per block / sub-block / category and the executed-cost
 distribution, against hand-counted values."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -62,10 +64,26 @@ def test_figures_are_written(tmp_path):
 def test_write_report_writes_every_table_and_figure(tmp_path):
     paths = gating.write_report(tmp_path / "gated", GATES, 2, torch.tensor([0, 1, 2, 3]), torch.tensor([5.0, 6.0, 8.0, 5.0]), full=8.0, class_categories=[0, 0, 1, 1])
     assert sorted(p.name for p in paths) == sorted(
-        ["execution_rates.csv", "execution_rates.txt", "rates_by_category.csv", "rates_by_category.png", "cost_distribution.csv", "cost_distribution.png"]
+        ["execution_rates.csv", "execution_rates.txt", "rates_by_class.csv", "rates_by_category.csv", "rates_by_category.png", "cost_distribution.csv", "cost_distribution.png"]
     )
     assert all(p.stat().st_size > 0 for p in paths)
     assert pd.read_csv(tmp_path / "gated" / "cost_distribution.csv")["count"].sum() == 4
+    assert sorted(set(pd.read_csv(tmp_path / "gated" / "rates_by_category.csv")["category"])) == [0, 1]
+    assert sorted(set(pd.read_csv(tmp_path / "gated" / "rates_by_class.csv")["class"])) == [0, 1, 2, 3]
+    # no categories: the per-class table is the only one, and its heat map says "class" in its name
+    names = {p.name for p in gating.write_report(tmp_path / "per_class", GATES, 2, torch.tensor([0, 1, 2, 3]), torch.tensor([5.0, 6.0, 8.0, 5.0]))}
+    assert {"rates_by_class.csv", "rates_by_class.png"} <= names and not any("category" in n for n in names)
+
+
+def test_every_category_has_rows_even_without_test_samples():
+    df = gating.rates_by_category(GATES, 2, torch.tensor([0, 0, 1, 1]), class_categories=[0, 0, 2], names=["a", "b", "c"])
+    assert sorted(set(df["category"])) == [0, 1, 2]
+    empty = df[df["category"] == 1]
+    assert (empty["n"] == 0).all() and empty["rate"].isna().all()
+    with pytest.raises(ValueError, match="names"):
+        gating.rates_by_category(GATES, 2, torch.tensor([0, 0, 1, 1]), class_categories=[0, 1], names=["a"])
+    with pytest.raises(ValueError, match="labels"):
+        gating.rates_by_category(GATES, 2, torch.tensor([0, 1]))
 
 
 def test_gate_states_survive_the_predictions_table_and_are_logged_with_the_evaluation(in_tmp):
@@ -90,3 +108,50 @@ def test_gate_states_survive_the_predictions_table_and_are_logged_with_the_evalu
     steps.log_evaluation(handle, cfg, tables, steps.evaluate(cfg, tables))
     logged = {f.path for f in MlflowClient(handle.uri).list_artifacts(handle.run_id, "evaluation/gated")}
     assert {"evaluation/gated/execution_rates.csv", "evaluation/gated/cost_distribution.png"} <= logged
+
+
+def _log_gated(n: int, classes: int, overrides: list[str]):
+    """Random gates (3 blocks x 2 sub-blocks) of ``n`` test samples over ``classes`` classes, logged
+    by steps.log_evaluation; returns (gates, labels, the run's evaluation/gated folder, its listing)."""
+    from mlflow import MlflowClient
+
+    from dynlab import config, evaluation, steps, tracking
+    from dynlab.predictions import GatedPredictions
+
+    g = torch.Generator().manual_seed(1)
+    gates = (torch.rand(n, 6, generator=g) > 0.5).float()
+    labels = torch.arange(n) % classes  # every class present
+    costs = 100.0 + gates @ torch.tensor([10.0, 10.0, 20.0, 20.0, 30.0, 30.0])
+    frame = evaluation.predictions_frame(GatedPredictions(torch.randn(n, classes, generator=g), costs, gates, 2, 220.0), labels, "test")
+    cfg = config.cli_config(["method=dmnn", "preset=dmnn-resnet-small", *overrides])
+    tables = steps.PredictionTables(frame.iloc[0:0], frame, [])
+    handle = tracking.open_run("gated-test", "r")
+    steps.log_evaluation(handle, cfg, tables, steps.evaluate(cfg, tables))
+    logged = {f.path.rsplit("/", 1)[-1] for f in MlflowClient(handle.uri).list_artifacts(handle.run_id, "evaluation/gated")}
+    return gates, labels, Path(handle.artifact_uri().removeprefix("file://")) / "evaluation" / "gated", logged
+
+
+def test_logged_rates_by_category_are_per_training_category_and_equal_a_hand_count(in_tmp):
+    from dynlab import data
+
+    gates, labels, folder, logged = _log_gated(40, 10, [])  # digits, dmnn.categories=auto: 3 built-in groups
+    assert {"rates_by_category.csv", "rates_by_category.png", "rates_by_class.csv"} <= logged
+    df = pd.read_csv(folder / "rates_by_category.csv")
+    groups = data.BUILTIN_CATEGORIES["digits"]
+    assert sorted(set(df["category"])) == [0, 1, 2]  # K = 3 categories, not 10 classes
+    assert list(dict.fromkeys(df["name"])) == ["closed loops", "straight strokes", "open curves"]
+    cats = torch.tensor(groups)[labels]
+    for k in range(3):
+        expected = gates[cats == k].mean(0)  # the fraction of category k's samples with each gate open
+        got = df[df["category"] == k].sort_values(["block", "sub"])
+        assert got["rate"].tolist() == pytest.approx(expected.tolist())
+        assert set(got["n"]) == {int((cats == k).sum())}
+    by_class = pd.read_csv(folder / "rates_by_class.csv")
+    assert sorted(set(by_class["class"])) == list(range(10))
+    assert by_class[by_class["class"] == 3].sort_values(["block", "sub"])["rate"].tolist() == pytest.approx(gates[labels == 3].mean(0).tolist())
+
+
+def test_without_categories_the_rates_are_per_class_only(in_tmp):
+    _, _, folder, logged = _log_gated(20, 10, ["dmnn.categories=none"])
+    assert {"rates_by_class.csv", "rates_by_class.png"} <= logged and not any("category" in n for n in logged)
+    assert sorted(set(pd.read_csv(folder / "rates_by_class.csv")["class"])) == list(range(10))

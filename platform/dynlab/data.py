@@ -721,6 +721,10 @@ BUILTIN_CATEGORIES = {
     "digits": [0, 1, 2, 2, 1, 2, 0, 1, 0, 0],
     "cifar10": [0, 1, 3, 2, 2, 2, 3, 2, 0, 1],
 }
+BUILTIN_CATEGORY_NAMES = {
+    "digits": ["closed loops", "straight strokes", "open curves"],
+    "cifar10": ["air/sea vehicles", "road vehicles", "four-legged mammals", "other animals"],
+}
 
 
 def check_categories(mapping: list[int], num_classes: int, key: str, value) -> list[int]:
@@ -791,14 +795,36 @@ def load_categories(path: str | os.PathLike, num_classes: int, classes: list[str
 
 
 def cifar100_categories(cfg: DataConfig) -> list[int]:
-    """CIFAR-100 fine class -> superclass, read from the training file's fine and coarse labels."""
-    _, folder, _ = _cifar_location(cfg)
-    with open(folder / "train", "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    """CIFAR-100 fine class -> superclass, read from the training file's fine and coarse labels;
+    a DataError when the file lacks them, a fine class has no sample or two superclasses."""
+    _, folder, where = _cifar_location(cfg)
+    try:
+        with open(folder / "train", "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        pairs = [(int(a), int(b)) for a, b in zip(entry["fine_labels"], entry["coarse_labels"], strict=True)]
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{where}: {folder / 'train'} is not a CIFAR-100 training file with fine and coarse labels ({err!r})") from None
     mapping: dict[int, int] = {}
-    for fine, coarse in zip(entry["fine_labels"], entry["coarse_labels"]):
-        mapping.setdefault(int(fine), int(coarse))
+    for fine, coarse in pairs:
+        if mapping.setdefault(fine, coarse) != coarse:
+            raise DataError(f"{where}: fine class {fine} has two superclasses ({mapping[fine]} and {coarse}) in {folder / 'train'}")
+    missing, extra = sorted(set(range(100)) - set(mapping)), sorted(set(mapping) - set(range(100)))
+    if missing or extra:
+        raise DataError(f"{where}: {folder / 'train'} must label fine classes 0..99" + (f"; no sample of fine class(es) {missing[:10]}" if missing else "") + (f"; unknown fine class(es) {extra[:10]}" if extra else ""))
     return check_categories([mapping[i] for i in range(100)], 100, "data.root", cfg.root)
+
+
+def category_names(spec: str, cfg: DataConfig, k: int) -> list[str]:
+    """Names of the ``k`` categories of :func:`class_categories`: the built-in groups', CIFAR-100's
+    superclass names (its ``meta`` file), else ``category <i>``."""
+    names = BUILTIN_CATEGORY_NAMES.get(cfg.name) if spec == "auto" else None
+    if spec == "auto" and cfg.name == "cifar100":
+        try:
+            with open(_cifar_location(cfg)[1] / "meta", "rb") as f:
+                names = pickle.load(f, encoding="latin1")["coarse_label_names"]
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
+            names = None
+    return [str(n) for n in names] if names is not None and len(names) == k else [f"category {i}" for i in range(k)]
 
 
 def class_categories(spec: str, cfg: DataConfig, num_classes: int, key: str = "categories") -> list[int] | None:

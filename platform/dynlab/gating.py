@@ -17,7 +17,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["execution_rates", "rates_by_category", "cost_distribution", "format_rates", "plot_cost_distribution", "plot_rates"]
+__all__ = ["execution_rates", "rates_by_category", "rates_by_class", "cost_distribution", "format_rates", "plot_cost_distribution", "plot_rates", "write_report"]
 
 
 def _gates(gates, subblocks: int) -> np.ndarray:
@@ -42,18 +42,30 @@ def execution_rates(gates, subblocks: int) -> pd.DataFrame:
 
 def rates_by_category(gates, subblocks: int, labels, class_categories: Sequence[int] | None = None, names: Sequence[str] | None = None) -> pd.DataFrame:
     """Execution rate of every sub-block within each category: rows ``category, name, n, block,
-    sub, rate``. ``class_categories`` maps labels to categories (None: the labels themselves)."""
+    sub, rate``. ``class_categories`` maps labels to categories 0..K-1, and every one of the K
+    categories has its rows (``n = 0`` and rate NaN for one without samples); None: the labels
+    themselves, the ones present."""
     g = _gates(gates, subblocks)
     y = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    if len(y) != len(g):
+        raise ValueError(f"{len(y)} labels for {len(g)} gate rows")
     cats = np.asarray(class_categories)[y] if class_categories is not None else y
+    every = np.arange(int(max(class_categories)) + 1) if class_categories is not None else np.unique(cats)
+    if names is not None and len(every) and len(names) <= int(every.max()):
+        raise ValueError(f"{len(names)} names for categories 0..{int(every.max())}")
     blocks = g.shape[1] // subblocks
     rows = []
-    for c in np.unique(cats):
+    for c in every:
         sel = g[cats == c]
-        rate = sel.mean(0).reshape(blocks, subblocks)
+        rate = sel.mean(0).reshape(blocks, subblocks) if len(sel) else np.full((blocks, subblocks), np.nan)
         name = names[int(c)] if names is not None else str(int(c))
         rows += [{"category": int(c), "name": name, "n": len(sel), "block": b, "sub": i, "rate": float(rate[b, i])} for b in range(blocks) for i in range(subblocks)]
     return pd.DataFrame(rows)
+
+
+def rates_by_class(gates, subblocks: int, labels, names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Execution rate of every sub-block within each class: rows ``class, name, n, block, sub, rate``."""
+    return rates_by_category(gates, subblocks, labels, None, names).rename(columns={"category": "class"})
 
 
 def cost_distribution(costs, bins: int = 20, full: float | None = None) -> pd.DataFrame:
@@ -102,16 +114,18 @@ def plot_cost_distribution(costs, path: str | Path, full: float | None = None, t
 
 
 def plot_rates(by_category: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Heat map of execution rates: one row per category, one column per sub-block (b.i)."""
+    """Heat map of execution rates: one row per category (or per class, for a :func:`rates_by_class`
+    table), one column per sub-block (b.i)."""
     table = by_category.assign(col=by_category["block"].astype(str) + "." + by_category["sub"].astype(str))
     cols = list(dict.fromkeys(table.sort_values(["block", "sub"])["col"]))
     grid = table.pivot_table(index="name", columns="col", values="rate", sort=False)[cols]
     fig, ax = _figure(max(6.0, 0.35 * len(cols) + 2))
+    fig.set_figheight(max(4.5, 0.22 * len(grid.index) + 1.5))  # one readable row per category / class
     im = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(grid.index)), list(grid.index))
+    ax.set_yticks(range(len(grid.index)), list(grid.index), fontsize=7 if len(grid.index) > 20 else None)
     ax.set_xlabel("block.sub-block")
-    ax.set_title(title or "execution rate per category")
+    ax.set_title(title or f"execution rate per {'class' if 'class' in by_category else 'category'}")
     fig.colorbar(im, ax=ax, label="execution rate")
     fig.savefig(path, dpi=120)
     return Path(path)
@@ -119,16 +133,24 @@ def plot_rates(by_category: pd.DataFrame, path: str | Path, title: str = "") -> 
 
 def write_report(out_dir: str | Path, gates, subblocks: int, labels, costs, full: float | None = None, class_categories: Sequence[int] | None = None, names: Sequence[str] | None = None) -> list[Path]:
     """Every gated-evaluation artefact into ``out_dir``: ``execution_rates.{csv,txt}``,
-    ``rates_by_category.csv`` and ``rates_by_category.png`` (per class when no categories are
-    given), ``cost_distribution.csv`` and ``cost_distribution.png``. Returns the paths written."""
+    ``cost_distribution.{csv,png}``, the per-class table ``rates_by_class.csv`` and, with a class ->
+    category mapping (``class_categories``, category ``names``), ``rates_by_category.{csv,png}``
+    (one row group per category); without one, ``rates_by_class.png`` is the heat map instead.
+    Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rates = execution_rates(gates, subblocks)
-    by_cat = rates_by_category(gates, subblocks, labels, class_categories, names)
+    by_class = rates_by_class(gates, subblocks, labels)
     dist = cost_distribution(costs, full=full)
     rates.to_csv(out / "execution_rates.csv", index=False)
     (out / "execution_rates.txt").write_text(format_rates(rates) + "\n")
-    by_cat.to_csv(out / "rates_by_category.csv", index=False)
+    by_class.to_csv(out / "rates_by_class.csv", index=False)
     dist.to_csv(out / "cost_distribution.csv", index=False)
-    figures = [plot_rates(by_cat, out / "rates_by_category.png"), plot_cost_distribution(costs, out / "cost_distribution.png", full=full)]
-    return [out / "execution_rates.csv", out / "execution_rates.txt", out / "rates_by_category.csv", out / "cost_distribution.csv", *figures]
+    paths = [out / "execution_rates.csv", out / "execution_rates.txt", out / "rates_by_class.csv", out / "cost_distribution.csv"]
+    if class_categories is not None:
+        by_cat = rates_by_category(gates, subblocks, labels, class_categories, names)
+        by_cat.to_csv(out / "rates_by_category.csv", index=False)
+        paths += [out / "rates_by_category.csv", plot_rates(by_cat, out / "rates_by_category.png")]
+    else:
+        paths.append(plot_rates(by_class, out / "rates_by_class.png"))
+    return [*paths, plot_cost_distribution(costs, out / "cost_distribution.png", full=full)]

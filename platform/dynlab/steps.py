@@ -101,6 +101,17 @@ def evaluate(cfg, tables: PredictionTables, calibration: pd.DataFrame | None = N
     return Evaluation(any_df, evaluation.apply_thresholds(calibration, heldout, heldout_labels, test, test_labels, flat_curve=cfg.eval.flat_curve))
 
 
+def gate_categories(cfg, num_classes: int) -> tuple[list[int] | None, list[str] | None]:
+    """The class -> category mapping the method trained with (a method setting ``categories``, as
+    DMNN's, resolved by :func:`dynlab.data.class_categories`) and the categories' names; (None,
+    None) when the method has none or it is ``none`` (execution rates per class only)."""
+    spec = getattr(cfg.method_cfg, "categories", None)
+    if not isinstance(spec, str):
+        return None, None
+    mapping = data_mod.class_categories(spec, cfg.data, num_classes, f"{cfg.method}.categories")
+    return (mapping, data_mod.category_names(spec, cfg.data, max(mapping) + 1)) if mapping is not None else (None, None)
+
+
 def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:
     """Everything a run leaves: tables, curves as metrics on a cost axis, the figure, the checkpoint.
     Written to a temporary folder first and logged only when complete."""
@@ -125,7 +136,8 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
             scalar_columns(ev.budgeted).to_csv(out / "budgeted.csv", index=False)
         test_preds, test_labels = evaluation.frame_to_predictions(tables.test, "test")
         if isinstance(test_preds, GatedPredictions) and test_preds.gates is not None:  # execution rates, cost distribution
-            gating.write_report(out / "gated", test_preds.gates, test_preds.subblocks, test_labels, test_preds.costs, full=test_preds.full_cost)
+            mapping, names = gate_categories(cfg, test_preds.logits.shape[1])
+            gating.write_report(out / "gated", test_preds.gates, test_preds.subblocks, test_labels, test_preds.costs, full=test_preds.full_cost, class_categories=mapping, names=names)
             for f in sorted((out / "gated").iterdir()):
                 handle.log_artifact(f, "evaluation/gated")
         fig = plots.plot_evaluation(ev.anytime, ev.budgeted, out / "curves.png", title=f"{cfg.method} on {cfg.backbone} / {cfg.data.name}")
