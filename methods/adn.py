@@ -70,17 +70,6 @@ def feature_kd(teacher: list[torch.Tensor], student: list[torch.Tensor], tempera
     return sum(kd_rows(rows(t), rows(s), temperature) for t, s in zip(teacher, student))
 
 
-def read_init(source: str) -> dict:
-    """The weights of ``run.init_from``, as the training loop reads them; a missing or unreadable
-    file is a ConfigError."""
-    from dynlab.training import BEST_FILE, read_weights
-
-    try:
-        return read_weights(source)
-    except Exception as err:  # noqa: BLE001 - missing or unreadable: the same problem for the user
-        raise ConfigError("run.init_from", source, f"a readable .pt file (a dynlab ADN checkpoint or a torchvision state dict), or a folder holding {BEST_FILE} ({type(err).__name__}: {str(err)[:160]})") from None
-
-
 def _net(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP wraps the network
 
@@ -107,11 +96,6 @@ class ADN:
         entry = get_backbone(self.cfg.backbone)
         model = entry.build(self.cfg.backbone_cfg, info, skip_aware_norms=self.mcfg.skip_aware_norms)
         self.subnets(model)  # unknown sub-network names fail here, before training
-        source = self.cfg.run.init_from
-        if source and "://" not in source:
-            # checked now, so that the driver's preflight (which builds the model) refuses a file
-            # that load_init would refuse (preflight leaves methods with a load_init hook to them)
-            self.init_kind(model, read_init(source), source)
         return model
 
     def init_kind(self, model: nn.Module, state, source: str) -> str:

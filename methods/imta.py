@@ -37,7 +37,6 @@ phase II (the reference keeps training-mode BatchNorm, so its "frozen" network's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -186,27 +185,12 @@ class IMTANet(nn.Module):
 # ---- loading a phase-I checkpoint ----------------------------------------------------------------
 
 
-def read_checkpoint(source: str) -> dict[str, torch.Tensor]:
-    """The weights of ``source`` (a .pt file, or a folder holding best.pt such as a train entry of
-    the sweep cache), as the training loop reads them; a missing or unreadable one is a ConfigError."""
-    from dynlab.training import BEST_FILE, read_weights
-
-    path = Path(source).expanduser()
-    if not (path / BEST_FILE if path.is_dir() else path).is_file():
-        raise ConfigError("run.init_from", source, "a phase-I checkpoint: a .pt file, or a folder holding best.pt (e.g. a train entry of the sweep cache)")
-    try:
-        state = read_weights(str(path))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        raise ConfigError("run.init_from", source, f"a readable checkpoint of weights ({type(err).__name__}: {str(err)[:160]})") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConfigError("run.init_from", source, "a checkpoint of weights (a state dict); it holds something else")
-    return state
-
-
 def matched_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, backbone: str) -> dict[str, torch.Tensor]:
     """``state`` keyed as ``model`` (a bare backbone's checkpoint, e.g. method=joint, gets the
     ``backbone.`` prefix), after checking that it is this architecture: every tensor it holds has a
     same-shaped place in ``model``, and every tensor of ``model`` it lacks is a new phase-II part."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ConfigError("run.init_from", source, "a checkpoint of weights (a state dict); it holds something else")
     if state and not any(k.startswith("backbone.") for k in state):
         state = {f"backbone.{k}": v for k, v in state.items()}
     own = model.state_dict()
@@ -230,8 +214,6 @@ class IMTA(ExitMethod):
         if m.phase == 2:
             if not self.cfg.run.init_from:
                 raise ConfigError("run.init_from", "", "a phase-I checkpoint (a folder holding best.pt, or a .pt file) with imta.phase=2")
-            # checked now, so that the driver's preflight (which builds the model) refuses it
-            matched_state(model, read_checkpoint(self.cfg.run.init_from), self.cfg.run.init_from, self.cfg.backbone)
             if m.freeze == "phase1":
                 model.backbone.requires_grad_(False)
                 model.frozen = [model.backbone]

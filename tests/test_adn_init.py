@@ -162,14 +162,15 @@ def test_preflight_refuses_a_bad_init_file_and_passes_a_torchvision_one(tmp_path
     _, good = resnet18_pt(tmp_path)
     cfg = config.cli_config([*RESNET18, *SMALL, f"run.init_from={good}"])
     preflight.check_config(cfg)
-    preflight.check_init_from(cfg)  # the method's load_init decides: nothing here
+    preflight.check_init_from(cfg)  # read once, through the method's load_init
     torch.save(torchvision.models.resnet34(num_classes=CLASSES).state_dict(), tmp_path / "r34.pt")
     bad = config.cli_config([*RESNET18, *SMALL, f"run.init_from={tmp_path / 'r34.pt'}"])
+    preflight.check_config(bad)  # building the model does not read the file (predicting later must not need it)
     with pytest.raises(ConfigError, match=r"run.init_from.*r34.pt.*torchvision state dict of its architecture \(\d+ tensor\(s\) differ, e.g. layer1.2"):
-        preflight.check_config(bad)
+        preflight.check_init_from(bad)
     gone = config.cli_config([*RESNET18, *SMALL, f"run.init_from={tmp_path / 'nothing.pt'}"])
     with pytest.raises(ConfigError, match=r"run.init_from.*nothing.pt.*a readable .pt file"):
-        preflight.check_config(gone)
+        preflight.check_init_from(gone)
 
 
 def test_a_run_starts_from_torchvision_weights(in_tmp, capfd):

@@ -248,17 +248,25 @@ def test_bad_distillation_settings_fail_in_the_config(args, key, fragment):
     assert info.value.key == key and fragment in str(info.value)
 
 
-def test_phase2_inputs_are_checked_by_the_preflight_model_build(phase1, tmp_path):
+def test_phase2_inputs_are_checked_by_the_preflight(phase1, tmp_path):
+    """The model build refuses phase 2 without weights; preflight.check_init_from reads the file
+    once, through the method's load_init (a model built later, to predict, does not read it)."""
+    from dynlab import preflight
+
     cfg = config.cli_config(["method=imta", "imta.phase=2"])
     with pytest.raises(ConfigError, match=r"'run.init_from' = '' .*phase-I checkpoint"):
         steps.check_model(cfg, DIGITS)
     cfg = config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={tmp_path / 'nothing'}"])
+    steps.check_model(cfg, DIGITS)  # the build does not read the file
     with pytest.raises(ConfigError, match=r"run.init_from.*best.pt"):
-        steps.check_model(cfg, DIGITS)
+        preflight.check_init_from(cfg)
     other = config.cli_config(["method=imta", "imta.phase=2", "msdnet.n_blocks=3", f"run.init_from={phase1[0]}"])
     with pytest.raises(ConfigError, match=r"run.init_from.*checkpoint of this msdnet \(\d+ tensor\(s\) differ"):
-        steps.check_model(other, DIGITS)
-    steps.check_model(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={phase1[0]}"]), DIGITS)  # fine
+        preflight.check_init_from(other)
+    torch.save({"epoch": 3}, tmp_path / "not-weights.pt")
+    with pytest.raises(ConfigError, match=r"run.init_from.*holds something else"):
+        preflight.check_init_from(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={tmp_path / 'not-weights.pt'}"]))
+    preflight.check_init_from(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={phase1[0]}"]))  # fine
     assert math.isclose(config.cli_config(["method=imta"]).method_cfg.alpha, 0.9)
 
 

@@ -190,20 +190,25 @@ def check_checkpoint(cfg, run_dir: Path) -> None:
 
 
 def check_init_from(cfg) -> None:
-    """``run.init_from`` weights exist and fit the model, for methods that load them strictly (a
-    method with its own ``load_init``, IMTA's phase II, checks them when its model is built)."""
+    """``run.init_from`` weights exist and fit the model: loaded strictly, or by the method's own
+    ``load_init`` (IMTA's phase II, ADN from torchvision weights), into a model built here. Checked
+    once, before training: a model built later (to predict) does not read the file again."""
     from dynlab import training
     from dynlab.registry import get_method
 
     source = cfg.run.init_from
-    method = get_method(cfg.method).cls(cfg)
-    if not source or "://" in source or hasattr(method, "load_init"):
+    if not source or "://" in source:
         return
+    method = get_method(cfg.method).cls(cfg)
     try:
         saved = training.read_weights(source)
     except Exception as err:  # noqa: BLE001 - missing or unreadable: the same problem for the user
         raise ConfigError("run.init_from", source, f"a readable .pt file, or a folder holding {training.BEST_FILE} ({type(err).__name__}: {str(err)[:200]})") from None
-    diff = _differing_tensors(method.build_model(data_mod.dataset_info(cfg.data)), saved)
+    model = method.build_model(data_mod.dataset_info(cfg.data))
+    if hasattr(method, "load_init"):
+        method.load_init(model, saved, source)  # its ConfigError names run.init_from
+        return
+    diff = _differing_tensors(model, saved)
     if diff:
         raise ConfigError("run.init_from", source, f"weights of this architecture ({len(diff)} tensor(s) differ, e.g. {diff[0]})")
 
