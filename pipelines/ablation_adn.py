@@ -5,11 +5,12 @@ every sub-network of every trial is evaluated on test and drawn in one accuracy-
 (dots: sub-networks, line: each trial's Pareto front); the printed table adds the best sub-network
 under each budget.
 
-Laptop (digits, a small ADN ResNet for 32x32 inputs, CPU; a few minutes on 2 cores):
+Laptop (digits, a small ADN ResNet for 32x32 inputs, CPU, 15 epochs unless epochs= is given; about
+2 minutes on 2 cores):
     python -m pipelines.ablation_adn
 Cluster (ImageNet recipe of the paper, ResNet-50):
     ray job submit --working-dir . -- python -m pipelines.ablation_adn preset=adn-resnet50 \\
-        dataset=imagefolder data.root=/data/imagenet epochs=150 optim.milestones=[0.4,0.667,0.933] \\
+        dataset=imagefolder data.root=/mnt/efs/dynlab/data/imagenet epochs=150 optim.milestones=[0.4,0.667,0.933] \\
         adn.topk=500 run.use_gpu=true workers=8 sweep.max_concurrent=1
 Knobs: adn.kd_lambda, adn.temperature, adn.topk, adn.subnets=[TTTT,FFFF], eval.budgets=[...] (MMACs),
 and every training key (see --help).

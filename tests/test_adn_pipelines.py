@@ -27,6 +27,13 @@ def test_ablation_has_the_four_rows_and_the_two_individual_baselines():
     assert len(ablation_adn.trials(config.cli_config([*BASE, "sweep.baseline=false"]))) == 4
 
 
+def test_pipelines_train_15_epochs_unless_told_otherwise():
+    assert config.cli_config(adn_common.with_defaults([])).run.epochs == 15
+    assert config.cli_config(adn_common.with_defaults(["epochs=2"])).run.epochs == 2
+    assert config.cli_config(adn_common.with_defaults(["run.epochs=3"])).run.epochs == 3
+    assert "run.epochs=15" not in adn_common.with_defaults(["config=run.yaml"])  # the file's epochs win
+
+
 def test_sweep_is_the_grid_of_lambda_and_temperature():
     trials = sweep_adn.trials(config.cli_config([*BASE, "sweep.values=[0.5,2]"]))
     assert sorted((t.cfg().method_cfg.kd_lambda, t.cfg().method_cfg.temperature) for t in trials) == [(0.5, 1.0), (0.5, 4.0), (2.0, 1.0), (2.0, 4.0)]
