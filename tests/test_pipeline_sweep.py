@@ -94,3 +94,38 @@ def test_an_interrupted_sweep_resumes_its_trial_from_the_checkpoint(in_tmp, ray_
     assert child.data.tags[tracking.PARENTS_TAG] == first_parent.run_id
     assert [m.step for m in client.get_metric_history(child.info.run_id, "best_score")] == [0, 1]
     assert second.table["best_epoch"].iloc[0] in (0, 1)
+
+
+@pytest.mark.slow
+def test_trials_asha_stops_early_are_results_not_failures(in_tmp, ray_local):
+    """ASHA (sweep.asha): trials one at a time, the first a good one, so the weak two are stopped at
+    the first rung. They are evaluated from their best checkpoint so far, noted in the table, their
+    runs FINISHED; an unchanged re-run trains nothing; a re-run without ASHA trains them on."""
+    from dynlab import cli, comparison
+
+    base = config.cli_config([*TINY, "epochs=3", "sweep.asha=true", "sweep.max_concurrent=1"])
+    trials = sweeps.expand(base, grid={"optim.lr": [0.1, 1e-6, 2e-6]})
+    parent = tracking.open_run("asha", "first")
+    out = pipeline.run(base, trials, parent, "asha", "test")
+    parent.end()
+    table = out["comparison"]
+    assert list(table["status"]) == ["ok"] * 3 and cli.failed_trials(out) == []
+    assert list(table["note"]) == ["", "stopped by ASHA after 1/3 epochs", "stopped by ASHA after 1/3 epochs"]
+    assert table["acc_exit1"].notna().all()  # evaluated from their checkpoints
+    assert "note: lr=1e-06: stopped by ASHA after 1/3 epochs" in comparison.format_table(table)
+    client = MlflowClient(parent.uri)
+    runs = children(client, parent)
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert sorted(r.data.tags.get("dynlab.stopped_by_scheduler", "") for r in runs) == ["after the last epoch", "early, after epoch 1 of 3", "early, after epoch 1 of 3"]
+
+    again = tracking.open_run("asha", "second")
+    assert pipeline.run(base, trials, again, "asha", "test")["trained"] == []  # unchanged: served from the cache
+    again.end()
+
+    full = base.with_overrides(["sweep.asha=false"])
+    third = tracking.open_run("asha", "third")
+    out3 = pipeline.run(full, sweeps.expand(full, grid={"optim.lr": [0.1, 1e-6, 2e-6]}), third, "asha", "test")
+    third.end()
+    assert out3["trained"] == ["lr=1e-06", "lr=2e-06"]  # trained on to the configured epochs
+    assert list(out3["comparison"]["note"]) == ["", "", ""]
+    assert all(not sweeps.cached_training(sweeps.cache_root(full), t.train_key).get("stopped_early") for t in trials)

@@ -50,16 +50,17 @@ def test_training_cache_is_published_atomically(tmp_path):
 
 
 def test_trials_stopped_by_the_scheduler_are_closed_or_salvaged(in_tmp):
-    """Tune kills a trial's actor when its scheduler stops it: before the last epoch the run is
-    closed KILLED; after the last epoch (ASHA at max_t) the finished training is published."""
+    """Tune kills a trial's actor when its scheduler stops it. Stopped before its last epoch, the
+    training is published as stopped early (trained on by a sweep without ASHA); after the last
+    epoch (ASHA at max_t), as finished; both runs FINISHED. Stopped before any checkpoint: KILLED."""
     import torch
 
     from dynlab import training
 
     base = config.cli_config(["epochs=2"])
-    early, late = sweeps.expand(base, grid={"boostnet.temperature": [0.0, 0.5]})
+    early, late, none = sweeps.expand(base, grid={"boostnet.temperature": [0.0, 0.5, 1.0]})
     parent = tracking.open_run("close-test", "parent")
-    runs = {t.id: tracking.open_run("close-test", t.id, tags={"dynlab.trial": t.id}, parent_run_id=parent.run_id) for t in (early, late)}
+    runs = {t.id: tracking.open_run("close-test", t.id, tags={"dynlab.trial": t.id}, parent_run_id=parent.run_id) for t in (early, late, none)}
     runs[late.id].end("FAILED")  # how Tune's stop reaches a trial function: an exception in fit()
     storage = str(in_tmp / "runs")
     for t, last_epoch in ((early, 0), (late, 1)):
@@ -69,10 +70,15 @@ def test_trials_stopped_by_the_scheduler_are_closed_or_salvaged(in_tmp):
         torch.save({}, ckpt / training.BEST_FILE)
         (ckpt / "config.yaml").write_text(t.cfg().to_yaml())
     cache = in_tmp / "cache"
-    sweeps.finish_stopped_trials([early, late], parent, "close-test", storage, cache)
-    assert runs[early.id].status() == "KILLED" and sweeps.cached_training(cache, early.train_key) is None
-    assert runs[late.id].status() == "FINISHED"
+    sweeps.finish_stopped_trials([early, late, none], parent, "close-test", storage, cache)
+    assert runs[early.id].status() == "FINISHED" and runs[late.id].status() == "FINISHED" and runs[none.id].status() == "KILLED"
+    stopped = sweeps.cached_training(cache, early.train_key)
+    assert stopped["stopped_early"] == {"epochs": 1, "of": 2} and sweeps.stopped_note(stopped) == "stopped by ASHA after 1/2 epochs"
+    assert not sweeps.needs_training(cache, early, base.with_overrides(["sweep.asha=true"]))  # what ASHA asked for
+    assert sweeps.needs_training(cache, early, base)  # without ASHA: trained on
     assert sweeps.cached_training(cache, late.train_key)["run_id"] == runs[late.id].run_id
+    assert "stopped_early" not in sweeps.cached_training(cache, late.train_key)
+    assert sweeps.cached_training(cache, none.train_key) is None
     assert parent.status() == "RUNNING"
 
 

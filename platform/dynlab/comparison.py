@@ -181,4 +181,6 @@ def format_table(table: pd.DataFrame) -> str:
     lines.append(f"test accuracy % on {size}: ± binomial standard error (1 seed), ± std over seeds (several seeds)")
     several = bool((summary["n_seeds"] > 1).any())
     lines.append(NOISE_RULE + ("; for several seeds, the standard error of their mean" if several else ""))
+    notes = table[table["note"].fillna("") != ""] if "note" in table else table.iloc[0:0]
+    lines += [f"note: {r['trial']}: {r['note']}" for _, r in notes.iterrows()]  # e.g. trials ASHA stopped early
     return "\n".join(lines)

@@ -80,10 +80,12 @@ def sweep_step(ctx: dag.StepContext, upstream: dict | None = None) -> dict:
     result = sweeps.run(base, runnable, parent, c["experiment"], plugins=c["plugins"]) if runnable else sweeps.SweepResult(pd.DataFrame())
     skipped = [{"trial": t.id, "label": t.label, "status": "failed", "error": blocked[t.id], "cached": False, "train_key": t.train_key, "run_id": "", "checkpoint_dir": ""} for t in trials if t.id in blocked]
     table = pd.concat([result.table, pd.DataFrame(skipped)], ignore_index=True) if skipped else result.table
+    if "note" not in table:  # every trial blocked: no row from sweeps.run
+        table["note"] = ""
     table.to_parquet(ctx.out_dir / "sweep.parquet", index=False)
     parent.log_frame(table, "sweep" if c["stage"] == "sweep" else f"sweep_{c['stage']}", "sweep", csv=True)
     out: dict[str, Any] = {"table": str(ctx.out_dir / "sweep.parquet"), "trained": result.trained}
-    keep = ("status", "error", "label", "train_key", "run_id", "checkpoint_dir")  # not "cached": it changes between invocations
+    keep = ("status", "error", "label", "train_key", "run_id", "checkpoint_dir", "note")  # not "cached": it changes between invocations
     for row in table.to_dict("records"):
         out[row["trial"]] = {k: row[k] for k in keep}
     return out
@@ -151,6 +153,7 @@ def _trial_row(trial_id: str, info: dict, ev: dict) -> dict[str, Any]:
         "seed": int(seed.group(1)) if seed else None,
         "status": ev.get("status", info["status"]),
         "error": info["error"] or ev.get("error", ""),
+        "note": info.get("note", ""),  # e.g. stopped early by ASHA
         "run_id": info["run_id"],
     }
 

@@ -124,8 +124,16 @@ def publish_training(cache: Path, train_key: str, checkpoint_dir: str, result: d
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(final)
-    except OSError:  # published concurrently by an identical trial: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # already there: published concurrently by an identical trial (keep theirs) ...
+        old = cached_training(cache, train_key)
+        if old is not None and old.get("stopped_early") and not result.get("stopped_early"):
+            # ... or stopped early by ASHA and now trained to the end: the complete one replaces it
+            stale = cache / ".tmp" / f"{train_key}-stopped-{uuid.uuid4().hex[:8]}"
+            final.rename(stale)
+            tmp.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return cached_training(cache, train_key)
 
 
@@ -220,8 +228,10 @@ def _latest_checkpoint(storage: str, name: str) -> str | None:
 def finish_stopped_trials(trials: list[Trial], parent: tracking.RunHandle, experiment: str, storage: str, cache: Path) -> None:
     """After Tune, for trials that neither raised nor published: a scheduler (ASHA) stopped them.
     Stopped after their last epoch (ASHA stops at max_t, before the trial function returns), the
-    training is complete: publish it from its last checkpoint and close its run FINISHED. Stopped
-    earlier: close the run KILLED, tagged stopped_early. No trial run is left RUNNING."""
+    training is complete. Stopped earlier, it is the result ASHA asked for: published too, marked
+    ``stopped_early`` (a sweep without ASHA trains it on from its checkpoint; see
+    :func:`needs_training`). Either way its run is closed FINISHED, tagged by whom it was stopped.
+    A trial stopped before its first checkpoint has nothing to publish: its run is closed KILLED."""
     client = tracking.client(parent.uri)
     children = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
     runs = {r.data.tags.get("dynlab.trial"): r for r in children}
@@ -231,13 +241,28 @@ def finish_stopped_trials(trials: list[Trial], parent: tracking.RunHandle, exper
             continue
         last = _latest_checkpoint(storage, train_run_name(experiment, t.train_key))
         state = torch.load(storage_mod.open_file(last, training.STATE_FILE), map_location="cpu", weights_only=True) if last else None
-        complete = state is not None and state["epoch"] == t.cfg().run.epochs - 1
-        if complete:
-            metrics = {"best_score": state["best_score"], "best_epoch": state["best_epoch"]}
-            publish_training(cache, t.train_key, str(last), {"train_key": t.train_key, "run_id": run.info.run_id if run else "", "metrics": metrics})
+        epochs = t.cfg().run.epochs
+        complete = state is not None and state["epoch"] == epochs - 1
+        if state is not None:
+            result = {"train_key": t.train_key, "run_id": run.info.run_id if run else "", "metrics": {"best_score": state["best_score"], "best_epoch": state["best_epoch"]}}
+            if not complete:
+                result["stopped_early"] = {"epochs": state["epoch"] + 1, "of": epochs}
+            publish_training(cache, t.train_key, str(last), result)
         if run is not None:
-            client.set_tag(run.info.run_id, "dynlab.stopped_by_scheduler", "after the last epoch" if complete else "early")
-            client.set_terminated(run.info.run_id, "FINISHED" if complete else "KILLED")
+            client.set_tag(run.info.run_id, "dynlab.stopped_by_scheduler", "after the last epoch" if complete else f"early, after epoch {state['epoch'] + 1} of {epochs}" if state else "before its first checkpoint")
+            client.set_terminated(run.info.run_id, "FINISHED" if state is not None else "KILLED")
+
+
+def needs_training(cache: Path, t: Trial, base: config_mod.Config) -> bool:
+    """Not in the cache, or stopped early by ASHA while this sweep runs without it (it then trains
+    on from its checkpoint; the complete result replaces the stopped one)."""
+    done = cached_training(cache, t.train_key)
+    return done is None or (bool(done.get("stopped_early")) and not base.sweep.asha)
+
+
+def stopped_note(done: dict | None) -> str:
+    early = (done or {}).get("stopped_early")
+    return f"stopped by ASHA after {early['epochs']}/{early['of']} epochs" if early else ""
 
 
 @contextlib.contextmanager
@@ -284,7 +309,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
     plugins = plugins or ["methods"]
     cache = cache_root(base)
     tracking.close_orphans(parent.experiment_id, parent.uri)  # runs a killed invocation left RUNNING
-    todo = [t for t in trials if cached_training(cache, t.train_key) is None]
+    todo = [t for t in trials if needs_training(cache, t, base)]
     errors: dict[str, str] = {}
     if not todo:  # said too, so that a log shows a re-run trained nothing
         print(f"[sweep] 0 of {len(trials)} trials to train ({len(trials)} cached)", flush=True)
@@ -337,6 +362,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
                 "train_key": t.train_key,
                 "run_id": (done or {}).get("run_id", ""),
                 "checkpoint_dir": (done or {}).get("checkpoint_dir", ""),
+                "note": stopped_note(done),
                 "heldout_acc_best": metrics.get("best_score", float("nan")),
                 "best_epoch": metrics.get("best_epoch", float("nan")),
                 **{f"param:{k}": str(v) for k, v in t.overrides.items()},
