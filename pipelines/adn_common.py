@@ -49,6 +49,32 @@ def subnet_report(out: dict, budgets_mmacs: list[float], num_budgets: int = 4) -
     return pd.DataFrame(rows)
 
 
+def with_latency(report: pd.DataFrame, trials: list, repeats: int = 5) -> pd.DataFrame:
+    """``report`` with ``latency_ms`` per sub-network: the median of ``repeats`` interleaved rounds
+    at batch 1 on this machine's CPU, measured once per architecture (it does not depend on the
+    trained weights), beside the measured MACs."""
+    import torch
+
+    from dynlab import data, registry
+    from methods.adn import subnet_latency
+
+    by_arch: dict[str, dict[str, float]] = {}
+    latency_of = {}
+    for t in trials:
+        cfg = t.cfg()
+        arch = f"{cfg.backbone} {cfg.backbone_cfg} {cfg.method_cfg.skip_aware_norms}"
+        if arch not in by_arch:
+            with torch.no_grad():
+                model = registry.get_method(cfg.method).cls(cfg).build_model(data.dataset_info(cfg.data))
+                every = model.cost_table.names
+                wanted = set(cfg.method_cfg.subnets or every) | {every[0], every[-1]}  # the individual baselines' too
+                frame = subnet_latency(model, [n for n in every if n in wanted], repeats=repeats)
+            by_arch[arch] = dict(zip(frame["name"], frame["latency_s"] * 1e3))
+        latency_of[t.id] = by_arch[arch]
+    ms = [latency_of.get(trial, {}).get(name, float("nan")) for trial, name in zip(report["trial"], report["name"])]
+    return report.assign(latency_ms=ms)
+
+
 def main(doc: str, experiment: str, trials: Callable, title: Callable, argv: list[str] | None = None) -> int:
     """pipeline.main with ADN defaults, printing and logging the sub-network report."""
     argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
@@ -57,10 +83,11 @@ def main(doc: str, experiment: str, trials: Callable, title: Callable, argv: lis
         out = pipeline.run(cfg, trials(cfg), handle, experiment, title(cfg))
         report = subnet_report(out, cfg.eval.budgets, cfg.eval.num_budgets or 4)
         if not report.empty:
+            report = with_latency(report, trials(cfg))
             handle.log_frame(report, "subnets", "report", csv=True)
             budgeted = report[report["kind"] == "budget"].assign(budget_mmacs=lambda d: d["budget_mmacs"].round(2))
             best = budgeted.pivot(index="trial", columns="budget_mmacs", values="name").replace("", "-")
-            print("\nBest sub-network under each budget (MMACs per image; test accuracy in report/subnets.csv):\n" + best.to_string())
+            print("\nBest sub-network under each budget (MMACs per image; test accuracy and latency_ms in report/subnets.csv):\n" + best.to_string())
         return out
 
     def plan(cfg):
