@@ -13,6 +13,17 @@ def children(client, parent):
     return client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
 
 
+def tune_failures(storage, trial_id: str) -> int:
+    """How many times Tune restarted a trial (its newest experiment state)."""
+    import json
+
+    state = json.loads(sorted(storage.glob("*-sweep-*/experiment_state-*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    for trial, runtime in state["trial_data"]:
+        if json.loads(trial)["config"]["trial"] == trial_id:
+            return json.loads(runtime)["num_failures"]
+    raise AssertionError(f"no trial {trial_id} in the experiment state")
+
+
 @pytest.mark.slow
 def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failures(in_tmp, ray_local):
     base = config.cli_config(TINY)
@@ -34,6 +45,8 @@ def test_sweep_pipeline_trains_caches_reruns_only_what_changed_and_reports_failu
     kids = {r.data.tags["dynlab.trial"]: r for r in children(client, parent)}
     assert set(kids) == {t.id for t in trials}
     assert kids["temperatures=[1.0-2.0-3.0]"].info.status == "FAILED"
+    assert "boostnet.temperatures" in kids["temperatures=[1.0-2.0-3.0]"].data.tags["dynlab.error"]
+    assert tune_failures(in_tmp / "dynlab_runs", "temperatures=[1.0-2.0-3.0]") == 0  # bad input: not retried (run.max_failures=3)
     for tid in ("temperature=0.0", "temperature=0.5"):
         run = kids[tid]
         assert run.info.status == "FINISHED"

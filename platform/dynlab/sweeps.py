@@ -206,10 +206,25 @@ def train_trial(tune_config: dict, specs: dict, parent: dict, experiment: str, c
         uri=parent["uri"],
         owner=owner or None,
     )
-    with tracking.run_guard(handle):
-        tracking.log_config(handle, cfg)
-        result = training.fit(cfg, name, tracking=handle.as_payload(), plugins=plugins, callbacks=[TuneReportCallback()], in_process=spec["in_process"])
-        publish_training(Path(cache), spec["train_key"], result.checkpoint_dir, {"train_key": spec["train_key"], "run_id": handle.run_id, "metrics": result.metrics})
+    try:
+        with tracking.run_guard(handle):  # marks the run FAILED, with the error as a tag
+            tracking.log_config(handle, cfg)
+            result = training.fit(cfg, name, tracking=handle.as_payload(), plugins=plugins, callbacks=[TuneReportCallback()], in_process=spec["in_process"])
+            publish_training(Path(cache), spec["train_key"], result.checkpoint_dir, {"train_key": spec["train_key"], "run_id": handle.run_id, "metrics": result.metrics})
+    except Exception as err:
+        cause = input_error(err)
+        if cause is None:
+            raise  # a crash: Tune restarts the trial from its checkpoint (run.max_failures)
+        # bad input found while training (a corrupt image, ...): a restart would meet it again, so
+        # the trial ends here and the driver reads why (Tune retries every exception it sees)
+        note = input_error_file(Path(cache), spec["train_key"])
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(str(cause))
+
+
+def input_error_file(cache: Path, train_key: str) -> Path:
+    """Where a trial leaves the bad input that ended it, for the driver to report."""
+    return cache / ".errors" / f"{train_key}.txt"
 
 
 def train_run_name(experiment: str, train_key: str) -> str:
@@ -321,6 +336,8 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         local = {t.id: in_process(t.cfg()) for t in todo}
         how = "each in its trial's process (Ray Train local mode)" if all(local.values()) else "each with a Ray Train worker group" if not any(local.values()) else "in-process or with a worker group"
         print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {at_once} at a time, {how}", flush=True)
+        for t in todo:  # left by an earlier invocation that was killed before reading it
+            input_error_file(cache, t.train_key).unlink(missing_ok=True)
         storage = training.storage_path(base)
         # absolute here, in the driver: a trial runs in its own folder, where "./dynlab_runs" is elsewhere
         specs = {t.id: {"id": t.id, "label": t.label, "config": {**t.config, "run": {**t.config["run"], "storage_path": storage}}, "train_key": t.train_key, "in_process": local[t.id]} for t in todo}
@@ -346,6 +363,11 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         for r in grid:
             if r.error is not None:
                 errors[r.config["trial"]] = _short_error(r.error)
+        for t in todo:
+            note = input_error_file(cache, t.train_key)
+            if note.is_file():  # ended by bad input, not retried
+                errors[t.id] = note.read_text()[:500]
+                note.unlink()
         finish_stopped_trials([t for t in todo if t.id not in errors], parent, experiment, storage, cache)
     rows = []
     for t in trials:
