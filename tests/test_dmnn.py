@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynlab import config, data
+from dynlab import config, data, registry
 from dynlab.costs import CostCounter
 from dynlab.errors import ConfigError
 from dynlab.registry import DatasetInfo
@@ -293,3 +293,21 @@ def test_controllers_get_their_own_learning_rate_and_no_weight_decay():
     assert gates["params"] and all(".controller." in named[id(p)] for p in gates["params"])
     assert not any(".controller." in named[id(p)] for p in main["params"])
     assert len(main["params"]) + len(gates["params"]) == len(list(model.parameters()))
+
+
+def test_the_loop_logs_the_held_out_cost_rate_of_a_gated_network(in_tmp):
+    """Each epoch's held-out score of a gated network carries its executed share of the dense cost
+    at evaluation (no gate noise): equal to the mean cost of the final weights' held-out predictions."""
+    from dynlab import data, training
+
+    cfg = config.cli_config(["method=dmnn", "preset=dmnn-resnet-small", "epochs=1", "workers=0", "data.heldout=120", "data.batch_size=64", "eval.num_budgets=0", "eval.p_grid=false"])
+    result = training.fit(cfg, "rate")
+    method = registry.get_method("dmnn").cls(cfg)
+    model = method.build_model(data.dataset_info(cfg.data))
+    model.load_state_dict(torch.load(f"{result.checkpoint_dir}/state.pt", weights_only=True)["model"])
+    model.eval()
+    held = data.build_datasets(cfg.data, cfg.run.seed).heldout
+    preds = method.predict(model, torch.stack([held[i][0] for i in range(len(held))]))
+    expected = float(preds.costs.double().mean() / preds.full_cost)
+    assert 0.0 < expected <= 1.2
+    assert result.metrics["heldout/cost_rate"] == pytest.approx(expected, rel=1e-6)

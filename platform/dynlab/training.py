@@ -415,13 +415,15 @@ def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], floa
     without a held-out split ("best" then means "latest"). The test set is never looked at."""
     if not len(loop.bundle.heldout):
         return {}, float(epoch)
-    correct, count = _heldout_counts(loop.method, unwrap(loop.model), shard, loop.cfg, loop.device, loop.amp_dtype)
+    correct, count, rate_sum = _heldout_counts(loop.method, unwrap(loop.model), shard, loop.cfg, loop.device, loop.amp_dtype)
     if loop.world > 1:
-        dist.all_reduce(correct)
-        dist.all_reduce(count)
+        for t in (correct, count) if rate_sum is None else (correct, count, rate_sum):
+            dist.all_reduce(t)
     acc = (correct / count.clamp(min=1) * 100).tolist()
     metrics = {f"heldout/acc_out{i}": a for i, a in enumerate(acc)}
     metrics["heldout/acc_mean"] = float(np.mean(acc))
+    if rate_sum is not None:  # gated networks: the executed share of the dense cost at evaluation (no gate noise)
+        metrics["heldout/cost_rate"] = float(rate_sum) / max(float(count[0]), 1.0)
     return metrics, metrics["heldout/acc_mean"] if loop.cfg.run.select == "best" else float(epoch)
 
 
@@ -485,6 +487,8 @@ def save_checkpoint(loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
 
 def _print_epoch(loop: Loop, metrics: dict[str, Any], epoch: int) -> None:
     held = f"held-out acc (mean over outputs) {metrics['heldout/acc_mean']:.2f}%  " if "heldout/acc_mean" in metrics else ""
+    if "heldout/cost_rate" in metrics:
+        held += f"cost {metrics['heldout/cost_rate']:.2f} of dense  "
     _progress(f"epoch {epoch + 1}/{loop.cfg.run.epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  {held}{metrics['epoch_seconds']:.1f}s")
 
 
@@ -525,14 +529,20 @@ def _write_checkpoint(d: Path, state: dict, best_state: dict, cfg, same_best: Pa
 
 
 def _heldout_counts(method, model, shard, cfg, device, amp_dtype):
-    """Correct counts per output and sample counts on this rank's held-out shard."""
+    """Correct counts per output and sample counts on this rank's held-out shard, and for gated
+    predictions with a known dense cost the sum of executed / dense cost (else None)."""
+    def rate_sum(preds, n: int):
+        if not isinstance(preds, GatedPredictions) or not preds.full_cost:
+            return None
+        return (preds.costs.double().sum() / preds.full_cost).to(device) if n else torch.zeros((), dtype=torch.float64, device=device)
+
     if len(shard) == 0:  # more ranks than held-out samples: contribute zeros of the right size
         probe = method.predict(model, shard.dataset[0][0].unsqueeze(0).to(device))
         zeros = torch.zeros(probe.logits.shape[0] if probe.logits.dim() == 3 else 1, dtype=torch.float64, device=device)
-        return zeros, zeros.clone()
+        return zeros, zeros.clone(), rate_sum(probe, 0)
     preds, labels = predict_dataset(method, model, shard, cfg.data.eval_batch_size, device, amp_dtype=amp_dtype)
     correct = output_accuracy(preds, labels).to(device)
-    return correct, torch.full_like(correct, float(labels.numel()))
+    return correct, torch.full_like(correct, float(labels.numel())), rate_sum(preds, labels.numel())
 
 
 # ---------------------------------------------------------------- the driver side
