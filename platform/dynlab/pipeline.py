@@ -78,10 +78,8 @@ def sweep_step(ctx: dag.StepContext, upstream: dict | None = None) -> dict:
         print(f"[pipeline] stage {c['stage']}: {len(blocked)} trial(s) cannot start: {', '.join(blocked)}", flush=True)
     runnable = [t for t in trials if t.id not in blocked]
     result = sweeps.run(base, runnable, parent, c["experiment"], plugins=c["plugins"]) if runnable else sweeps.SweepResult(pd.DataFrame())
-    skipped = [{"trial": t.id, "label": t.label, "status": "failed", "error": blocked[t.id], "cached": False, "train_key": t.train_key, "run_id": "", "checkpoint_dir": ""} for t in trials if t.id in blocked]
+    skipped = [{"trial": t.id, "label": t.label, "status": "failed", "error": blocked[t.id], "cached": False, "train_key": t.train_key, "run_id": "", "checkpoint_dir": "", "note": ""} for t in trials if t.id in blocked]
     table = pd.concat([result.table, pd.DataFrame(skipped)], ignore_index=True) if skipped else result.table
-    if "note" not in table:  # every trial blocked: no row from sweeps.run
-        table["note"] = ""
     table.to_parquet(ctx.out_dir / "sweep.parquet", index=False)
     parent.log_frame(table, "sweep" if c["stage"] == "sweep" else f"sweep_{c['stage']}", "sweep", csv=True)
     out: dict[str, Any] = {"table": str(ctx.out_dir / "sweep.parquet"), "trained": result.trained}
