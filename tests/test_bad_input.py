@@ -102,6 +102,9 @@ ROWS = [
     ("train", ["method=imta", "imta.temperature=0"], ["'imta.temperature' = 0.0", "a number > 0"]),
     ("train", ["method=imta", "imta.phase=2"], ["'run.init_from' = ''", "a phase-I checkpoint", "imta.phase=2"]),
     ("train", ["method=imta", "imta.phase=2", "run.init_from={tmp}/runs/other-arch/epoch_0000/best.pt"], ["'run.init_from'", "other-arch", "a checkpoint of this msdnet", "differ from this model's", "same backbone settings"]),
+    # --- issue 15, image data and weights files ---
+    # --- issue 15, run names, storage, tracking and Ray address ---
+    # --- issue 15, YAML and sweep size ---
 ]
 
 
