@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -450,18 +451,27 @@ def test_an_unwritable_cache_fails_before_any_step_and_names_the_path(tmp_path):
     print("[faults] unwritable step cache: refused before any step, steps run 0, cache entries 0")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def make_unwritable_folder(path: Path) -> None:
+    """``path`` becomes a folder that refuses new files to every user, root included (CI runs as
+    root, and root writes into a chmod-0o555 folder): a link to /sys, whose file system creates no
+    regular files (EACCES; EROFS where it is mounted read-only, as in containers). Without /sys (not
+    Linux): a folder without write permission, which refuses every user but root."""
+    if Path("/sys").is_dir():
+        path.symlink_to("/sys")
+    else:
+        path.mkdir()
+        path.chmod(0o555)
+
+
 def test_a_read_only_cache_fails_before_any_step_and_names_the_path(tmp_path):
     cache = tmp_path / "cache"
-    (cache / ".tmp").mkdir(parents=True)
-    (cache / ".tmp").chmod(0o555)
-    try:
-        steps = [Step("a", source, {"n": 1, "log": str(tmp_path / "log.txt")}, where="driver")]
-        with pytest.raises(dag.CacheError, match=r"cannot write into the step cache folder .*cache/\.tmp: Permission denied"):
-            dag.run(steps, cache, log=lambda s: None)
-        assert ran_steps(tmp_path) == []
-    finally:
-        (cache / ".tmp").chmod(0o755)
+    cache.mkdir()
+    make_unwritable_folder(cache / ".tmp")  # the cache's folders exist; writing into them fails
+    steps = [Step("a", source, {"n": 1, "log": str(tmp_path / "log.txt")}, where="driver")]
+    with pytest.raises(dag.CacheError, match=rf"cannot write into the step cache folder {re.escape(str(cache / '.tmp'))}: (Permission denied|Read-only file system) ") as err:
+        dag.run(steps, cache, log=lambda s: None)
+    assert isinstance(err.value, DynlabError) and ran_steps(tmp_path) == []
+    print("[faults] read-only step cache: refused before any step, steps run 0")
 
 
 def test_a_full_disk_while_writing_the_result_leaves_no_cache_entry(tmp_path, monkeypatch):

@@ -199,8 +199,8 @@ class Cache:
         probe = self.tmp / f"probe-{secrets.token_hex(4)}"
         try:
             probe.write_bytes(b"dynlab")
-        except OSError as err:
-            raise CacheError.from_os(err, self.tmp, "write into the step cache folder") from None
+        except OSError as err:  # names the folder, not the probe file the user never made
+            raise CacheError(self.tmp, "write into the step cache folder", err.strerror or str(err)) from None
         finally:
             probe.unlink(missing_ok=True)
 
