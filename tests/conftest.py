@@ -13,14 +13,29 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_outside_ray():
+    """The tests start their own Ray: a ``RAY_ADDRESS`` in the developer's shell (or a head left
+    running by the README's "a head on this machine" recipe) must not be joined by the fixtures,
+    the pipelines run in-process or the subprocesses they start. Tests that need an address set
+    it themselves (monkeypatch)."""
+    import os
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    yield
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for the integration tests of one module (2 CPUs, like CI); shut down
-    after the module, so that a test starting its own Ray head has the machine to itself."""
+    after the module, so that a test starting its own Ray head has the machine to itself.
+    ``address="local"``: a new instance even when another Ray runs on this machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=True, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+        ray.init(address="local", num_cpus=2, log_to_driver=True, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     yield ray
     ray.shutdown()
 

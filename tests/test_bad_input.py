@@ -5,12 +5,14 @@ Every row runs the real command-line entry in-process (no Ray is started: the ch
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from dynlab import preflight
 from pipelines import ablation_temperature, train
 
 TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2"]
@@ -67,9 +69,6 @@ ROWS = [
     ("train", ["boostnet.exit_weights=[1,2,3]", *TINY], ["'boostnet.exit_weights' = [1.0, 2.0, 3.0]", "2 numbers, one per exit"]),
     ("train", ["workers=0", "run.kill_after_epoch=0"], ["'run.kill_after_epoch' = 0", "in-process it would kill the driver"]),
     ("train", ["optim.milestones=[0.8,0.2]"], ["'optim.milestones'", "increasing fractions"]),
-    ("train", ["workers=64"], ["'run.num_workers' = 64", "the Ray cluster has"]),
-    ("train", ["run.use_gpu=true"], ["'run.use_gpu' = True", "0 GPU(s)"]),
-    ("train", ["run.cpus_per_worker=512"], ["'run.cpus_per_worker' = 512.0", "the largest node's CPUs"]),
     ("train", ["data.heldout=5000"], ["'data.heldout' = 5000", "fewer than the 1297 training images"]),
     ("train", ["data.heldout=0"], ["'data.heldout' = 0", "eval.num_budgets=0 eval.p_grid=false"]),
     ("train", ["dataset=imagefolder"], ["'data.root'", "ImageNet layout"]),
@@ -93,7 +92,6 @@ ROWS = [
     ("temperature", ["sweep.values=[0.25,0.25]"], ["'sweep.values' = [0.25, 0.25]", "distinct values"]),
     ("temperature", ["sweep.values=[hot,cold]"], ["'sweep.values[0]' = 'hot'", "a number"]),
     ("temperature", ["sweep.values=-1,0.5"], ["'boostnet.temperature' = -1.0", ">= 0.0"]),
-    ("temperature", ["workers=2"], ["'run.num_workers' = 2", "with the trial's own 0.05"]),
     ("train", ["run.cpus_per_worker=0"], ["'run.cpus_per_worker' = 0.0", "more than 0 for Ray Train workers without a GPU"]),
     ("train", ["run.storage_path={tmp}/ray/session_1/runtime_resources/runs"], ["'run.storage_path'", "outside Ray's session folder"]),
     ("temperature", ["sweep.cache_dir=s3://bucket/cache"], ["'sweep.cache_dir' = 's3://bucket/cache'", "a folder (local, or on a shared file system"]),
@@ -106,6 +104,34 @@ ROWS = [
     # --- issue 15, run names, storage, tracking and Ray address ---
     # --- issue 15, YAML and sweep size ---
 ]
+
+
+# Rows that depend on what the machine (or the Ray cluster) offers: the refused values are derived
+# from the resources the preflight itself reads, so they are refused on any machine: {cpus} CPUs in
+# all, {node_cpus} on the largest node, {gpus} GPUs.
+RESOURCE_ROWS = [
+    ("train", ["workers={over_cpus}"], ["'run.num_workers' = {over_cpus}", "at most {cpus} workers of 1 CPU each", "the Ray cluster has {cpus} CPU(s)"]),
+    ("train", ["run.use_gpu=true", "workers={over_gpus}"], ["{gpu_key}", "and {gpus} GPU(s)"]),
+    ("train", ["run.cpus_per_worker={over_node}"], ["'run.cpus_per_worker' = {over_node}.0", "at most {node_cpus} (the largest node's CPUs)"]),
+    ("temperature", ["workers={all_cpus}"], ["'run.num_workers' = {all_cpus}", "with the trial's own 0.05"]),
+]
+ROWS += RESOURCE_ROWS
+
+
+def machine_values(nodes: list[dict[str, float]]) -> dict[str, str]:
+    """The placeholders of RESOURCE_ROWS for a cluster of ``nodes`` (preflight.cluster_nodes())."""
+    cpus = int(sum(n.get("CPU", 0.0) for n in nodes))
+    node_cpus = int(max(n.get("CPU", 0.0) for n in nodes))
+    gpus = int(sum(n.get("GPU", 0.0) for n in nodes))
+    return {
+        "cpus": str(cpus), "node_cpus": str(node_cpus), "gpus": str(gpus),
+        "over_cpus": str(cpus + 1),  # one 1-CPU worker more than the cluster holds
+        "over_node": str(node_cpus + 1),
+        "over_gpus": str(gpus + 1),
+        # no GPU at all: the line names run.use_gpu; too few: it names the worker count
+        "gpu_key": "'run.use_gpu' = True" if gpus == 0 else f"'run.num_workers' = {gpus + 1}",
+        "all_cpus": str(max(cpus, 2)),  # every CPU to workers leaves none for the trial's own driver
+    }
 
 
 @pytest.fixture
@@ -143,17 +169,43 @@ def _written(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("pipeline, args, fragments", ROWS, ids=[f"{i:02d}-{' '.join(r[1])[:40]}" for i, r in enumerate(ROWS)])
 def test_bad_input_is_one_line_and_leaves_no_trace(inputs, capsys, monkeypatch, pipeline, args, fragments):
-    before = _written(inputs)
-    args = [a.replace("{tmp}", str(inputs)) for a in args]
+    assert_refused(inputs, capsys, pipeline, args, fragments, machine_values(preflight.cluster_nodes()))
+
+
+def assert_refused(root: Path, capsys, pipeline: str, args: list[str], fragments: list[str], values: dict[str, str]) -> None:
+    """One row: exit 2, one line with every fragment, nothing written under ``root``."""
+    before = _written(root)
+    values = {**values, "tmp": str(root)}
+    fill = lambda text: re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), text)  # noqa: E731
+    args = [fill(a) for a in args]
     main = train.main if pipeline == "train" else ablation_temperature.main
     assert main(args) == 2
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), out.out
-    assert "Traceback" not in out.out + out.err
-    for fragment in fragments:
+    assert "Traceback" not in out.out + out.err, out.err[-3000:]
+    for fragment in map(fill, fragments):
         assert fragment in lines[0], lines[0]
-    assert _written(inputs) == before  # no MLflow store, run, checkpoint or cache entry appeared
+    assert _written(root) == before  # no MLflow store, run, checkpoint or cache entry appeared
+
+
+@pytest.mark.slow
+def test_resource_rows_are_refused_by_a_cluster_larger_than_this_machine(inputs, capsys):
+    """The resource rows read the cluster, not the machine: a local Ray that declares more CPUs
+    (8 more) and a GPU than this machine has still refuses every one of them, at its own sizes."""
+    import ray
+
+    here = machine_values(preflight.cluster_nodes())
+    ray.init(address="local", num_cpus=int(here["cpus"]) + 8, num_gpus=1, include_dashboard=False)
+    capsys.readouterr()  # Ray's own start-up lines are not the rows' output
+    try:
+        nodes = preflight.cluster_nodes()
+        values = machine_values(nodes)
+        assert int(values["cpus"]) > int(here["cpus"]) and values["gpus"] == "1"
+        for pipeline, args, fragments in RESOURCE_ROWS:
+            assert_refused(inputs, capsys, pipeline, args, fragments, values)
+    finally:
+        ray.shutdown()
 
 
 def test_the_table_is_long_enough():
