@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -327,32 +328,129 @@ def test_static_info_kept():
         D.static_info("nope")
 
 
-# ---------------------------------------------------------------- the shared CIFAR-10 JPEG copy
+# ---------------------------------------------------------------- CIFAR-10 as JPEGs in a zip (the README's command)
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The order in which the shared zip lists its class folders: not sorted, so a class index that
+# followed the zip's order instead of the names would show.
+SHARED_ZIP_CLASS_ORDER = ["bird", "frog", "dog", "automobile", "airplane", "ship", "cat", "truck", "deer", "horse"]
+
+
+def cifar10_jpg_zip(path: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A small zip in the layout of ../shared/datasets/cifar10-jpg.zip (that folder's README; checked
+    against the real zip where it is present): no top folder, a directory entry per folder,
+    ``train/<class>/<nnnn>.jpg`` and ``test/<class>/<nnnn>.jpg``, stored uncompressed, 32 x 32 RGB
+    baseline JPEGs. Each image is its class's colour plus noise, so a model can learn it."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for split, n in (("train", train_per_class), ("test", test_per_class)):
+            zf.mkdir(split)
+            for name in SHARED_ZIP_CLASS_ORDER:
+                zf.mkdir(f"{split}/{name}")
+                colour = np.array([37, 91, 173]) * (CIFAR10_CLASSES.index(name) + 1) % 256
+                for i in range(n):
+                    pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    jpeg = io.BytesIO()
+                    Image.fromarray(pixels).save(jpeg, "JPEG")
+                    zf.writestr(f"{split}/{name}/{i:04d}.jpg", jpeg.getvalue())
+    return path
+
+
+def zip_layout(path: Path) -> dict:
+    """What a reader of the zip depends on: top folders, classes per split in listed order, folder
+    entries, member names, compression, and one image's format, mode and size."""
+    import re
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        files = [i.filename for i in infos if not i.is_dir()]
+        with zf.open(files[0]) as f, Image.open(f) as img:
+            image = (img.format, img.mode, img.size)
+    folders = {i.filename.rstrip("/") for i in infos if i.is_dir()}
+    return {
+        "tops": sorted({n.split("/")[0] for n in files}),
+        "classes": {split: list(dict.fromkeys(n.split("/")[1] for n in files if n.startswith(split + "/"))) for split in ("train", "test")},
+        "every_folder_has_an_entry": folders == {"/".join(n.split("/")[:k]) for n in files for k in (1, 2)},
+        "names_like_split_class_nnnn_jpg": all(re.fullmatch(r"(train|test)/[a-z]+/\d{4}\.jpg", n) for n in files),
+        "compression": sorted({i.compress_type for i in infos}),
+        "image": image,
+    }
+
+
+def _check_cifar_bundle(b, n_train: int, n_test: int):
+    """A CIFAR-10 bundle from JPEGs: counts, the ten classes in sorted order, 32 x 32 RGB tensors."""
+    assert len(b.train) + len(b.heldout) == n_train and len(b.test) == n_test
+    assert len(b.heldout) == D.default_heldout("imagefolder", n_train)
+    assert b.info.num_classes == 10 and b.info.image_size == 32 and b.classes == CIFAR10_CLASSES
+    assert sorted(set(b.test.targets)) == list(range(10))
+    x, y = b.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    assert b.test[0][0].shape == (3, 32, 32)
+
+
+def test_a_zip_in_the_shared_cifar10_layout_builds_the_datasets(tmp_path):
+    zp = cifar10_jpg_zip(tmp_path / "cifar10-jpg.zip", train_per_class=5, test_per_class=2)
+    cfg = DataConfig(name="imagefolder", root=str(zp))
+    assert D.check(cfg) == D.dataset_info(cfg) and D.dataset_info(cfg).num_classes == 10  # zip index only
+    b = D.build_datasets(cfg, seed=0)
+    _check_cifar_bundle(b, n_train=50, n_test=20)
+    assert b.classes[b.test.targets[0]] == Path(b.test.samples[0][0]).parent.name  # label = the sorted class index of its folder
+
+
+@pytest.mark.slow
+def test_readme_command_trains_on_a_cifar10_jpg_zip(tmp_path):
+    """The README's ``python -m pipelines.train dataset=imagefolder data.root=<cifar10-jpg.zip>``,
+    as a user runs it, on a zip of the shared one's layout (tiny network, one epoch)."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    zp = cifar10_jpg_zip(tmp_path / "cifar10-jpg.zip", train_per_class=8, test_per_class=3)
+    repo, uri = Path(__file__).resolve().parents[1], f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_URI=uri, DYNLAB_CACHE=str(tmp_path / "cache"), PYTHONPATH=f"{repo}{os.pathsep}{repo / 'platform'}")
+    args = ["dataset=imagefolder", f"data.root={zp}", "epochs=1", "msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2",
+            "eval.num_budgets=2", "eval.p_grid=false", f"run.storage_path={tmp_path / 'runs'}"]
+    done = subprocess.run([sys.executable, "-m", "pipelines.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "imagefolder" in done.stdout
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dynlab-train").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["data.root"] == str(zp)
+    assert len(client.get_metric_history(run.info.run_id, "anytime/test_accuracy")) == 2  # both exits evaluated on test/
 
 
 @pytest.mark.skipif(not SHARED_CIFAR_ZIP.is_file(), reason="shared cifar10-jpg.zip not present")
-def test_shared_cifar10_jpg_zip_info():
+def test_the_built_zip_has_the_shared_zips_layout(tmp_path):
+    shared, built = zip_layout(SHARED_CIFAR_ZIP), zip_layout(cifar10_jpg_zip(tmp_path / "built.zip", 2, 1))
+    assert built == shared
+    assert shared["classes"]["train"] == SHARED_ZIP_CLASS_ORDER and shared["image"] == ("JPEG", "RGB", (32, 32))
     info = D.dataset_info(DataConfig(name="imagefolder", root=str(SHARED_CIFAR_ZIP)))  # zip index only
     assert info.num_classes == 10 and info.image_size == 32
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR_ZIP.is_file(), reason="shared cifar10-jpg.zip not present")
-@pytest.mark.skipif(os.environ.get("DYNLAB_TEST_SHARED_ZIP") != "1", reason="set DYNLAB_TEST_SHARED_ZIP=1: extracts 60k files (4 s to over a minute, disk-bound)")
-def test_shared_cifar10_jpg_zip(tmp_path):
-    import shutil
-
-    cfg = DataConfig(name="imagefolder", root=str(SHARED_CIFAR_ZIP))
-    try:
-        b = D.build_datasets(cfg, seed=0)  # extracts ~240 MB into the tmp cache
-        _check_cifar_bundle(b)
-    finally:
-        shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # don't leave 240 MB per run in /tmp
-
-
-def _check_cifar_bundle(b):
-    assert len(b.train) == 45_000 and len(b.heldout) == 5_000 and len(b.test) == 10_000
-    assert b.info.num_classes == 10 and b.info.image_size == 32
-    assert b.classes[0] == "airplane" and b.classes[-1] == "truck"
-    x, y = b.train[0]
-    assert x.shape == (3, 32, 32) and 0 <= y < 10
+def test_shared_cifar10_jpg_zip_counts_and_a_subset_of_its_images(tmp_path):
+    """The real zip: its index counts (5,000 training and 1,000 test images per class, nothing
+    extracted), and the same path as the built zip's on a subset of its own JPEGs."""
+    with zipfile.ZipFile(SHARED_CIFAR_ZIP) as src:
+        files = [i for i in src.infolist() if not i.is_dir()]
+        per_split_class = Counter(tuple(i.filename.split("/")[:2]) for i in files)
+        assert set(per_split_class.values()) == {5000, 1000} and len(per_split_class) == 20
+        assert all(n == (5000 if split == "train" else 1000) for (split, _), n in per_split_class.items())
+        D.check(DataConfig(name="imagefolder", root=str(SHARED_CIFAR_ZIP)))  # 50,000 training images: the default held-out 5,000 fits
+        subset, kept = tmp_path / "cifar10-jpg-subset.zip", Counter()
+        with zipfile.ZipFile(subset, "w", zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                key = tuple(info.filename.split("/")[:2])
+                if info.is_dir() or kept[key] < (5 if key[0] == "train" else 2):
+                    dst.writestr(info, src.read(info))
+                    kept[key] += not info.is_dir()
+    _check_cifar_bundle(D.build_datasets(DataConfig(name="imagefolder", root=str(subset)), seed=0), n_train=50, n_test=20)
