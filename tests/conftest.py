@@ -1,4 +1,8 @@
 
+import contextlib
+import re
+import subprocess
+
 import pytest
 
 import methods  # noqa: F401  (fills the registries)
@@ -62,7 +66,86 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
+    ran = {r.nodeid for r in terminalreporter.stats.get("passed", [])}
+    unjustified = [n for n in _SLOW_ITEMS if n in ran and n not in _SLOW_STARTED]
+    if unjustified:  # a slow mark keeps a test out of the fast loop: it should start something
+        terminalreporter.section("marked slow but started no Ray, cluster or pipeline process")
+        for nodeid in unjustified:
+            terminalreporter.write_line(nodeid)
     if _FAULT_LINES:
         terminalreporter.section("faults injected and recovered")
         for line in _FAULT_LINES:
             terminalreporter.write_line(line)
+
+
+# `pytest -m "not slow"` is the developers' inner loop: it must start no Ray, no cluster and no
+# pipeline process. A test that does (in its body or in any fixture it sets up, module-scoped ones
+# included) and is not marked slow fails, so the marker stays true.
+SLOW_COMMAND = re.compile(r"-m pipelines\.|\bray\b.*\b(start|job)\b|moto\.server|mlflow\b.*\b(server|ui)\b")
+
+
+_SLOW_STARTED: set[str] = set()  # slow tests seen starting something (or using a fixture that does)
+
+
+@contextlib.contextmanager
+def _watching_slow_starts(item):
+    """Unmarked: starting Ray, a cluster or a pipeline process fails the test. Marked slow: the
+    start is only recorded, so that the summary can list slow marks that nothing justifies."""
+    import ray._private.node
+
+    started: list[str] = []
+    marked = item.get_closest_marker("slow") is not None
+
+    def refuse(what: str) -> None:
+        started.append(what)
+        if marked:
+            _SLOW_STARTED.add(item.nodeid)
+            return
+        pytest.fail(f"{item.nodeid} starts {what}: mark it @pytest.mark.slow (pytest -m 'not slow' runs only tests that start none)", pytrace=False)
+
+    def no_ray_node(*args, **kwargs):
+        refuse("a Ray node")
+        return node_init(*args, **kwargs)
+
+    node_init, popen_init = ray._private.node.Node.__init__, subprocess.Popen.__init__
+
+    def checked_popen(self, args, *rest, **kwargs):
+        shown = args if isinstance(args, str) else " ".join(map(str, args))
+        if SLOW_COMMAND.search(shown) and not re.match(r"\S*bash -n ", shown):  # bash -n only parses
+            refuse(f"a process ({shown[:80]})")
+        popen_init(self, args, *rest, **kwargs)
+
+    ray._private.node.Node.__init__, subprocess.Popen.__init__ = no_ray_node, checked_popen
+    try:
+        yield
+    finally:
+        ray._private.node.Node.__init__, subprocess.Popen.__init__ = node_init, popen_init
+    if started and not marked:  # the failure was caught on the way (a CLI that turns errors into exit codes)
+        pytest.fail(f"{item.nodeid} started {started[0]}: mark it @pytest.mark.slow", pytrace=False)
+
+
+# Fixtures that start Ray, a cluster or a server process: a test that uses one is slow.
+SLOW_FIXTURES = {"ray_local", "two_nodes", "worker_nodes_cluster", "s3_server", "ray_head"}
+
+
+_SLOW_ITEMS: list = []
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+            _SLOW_STARTED.add(item.nodeid)
+    _SLOW_ITEMS[:] = [i.nodeid for i in items if i.get_closest_marker("slow")]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _watching_slow_starts(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _watching_slow_starts(item):
+        yield

@@ -246,6 +246,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.costs", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # a pipeline process
 def test_pipeline_list_and_json():
     r = _run("--list")
     assert r.returncode == 0, r.stderr

@@ -302,6 +302,7 @@ def test_joint_on_ranet_preset():
 # ---- pipelines.costs -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a pipeline process
 def test_costs_pipeline_json():
     r = subprocess.run(
         [sys.executable, "-m", "pipelines.costs", "preset=ranet-cifar100-anytime", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120
