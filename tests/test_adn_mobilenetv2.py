@@ -11,6 +11,7 @@ from dynlab import config
 from dynlab.data import static_info
 from dynlab.registry import get_method
 from methods.backbones.adn_mobilenetv2 import ADNMobileNetV2
+from tests.published import adn_release_macs
 
 
 def small(**kw):
@@ -61,11 +62,13 @@ def test_super_net_equals_torchvision_and_skip_norms_keep_their_own_statistics()
 def test_costs_against_the_paper():
     model = ADNMobileNetV2(1000)
     sup, base = model.subnet_cost("FFFFF")[0], model.subnet_cost("TTTTT")[0]
-    # our convention (convs, ReLU6, pooling, linear) counts 0.307 / 0.210 GMACs; the paper's 0.32 / 0.22
-    # counts something more (about 4% on both), so the absolute numbers agree within 5% and the
-    # base/super ratio within 2%
-    assert abs(sup - 0.32e9) / 0.32e9 < 0.05 and abs(base - 0.22e9) / 0.22e9 < 0.05
-    assert abs(base / sup - 0.22 / 0.32) / (0.22 / 0.32) < 0.02
+    # our split is the authors' release's (0.32 / 0.22; the paper's v1 Table 1 prints base-net 0.25
+    # for another split). Our convention (convs, ReLU6, pooling, linear) counts 0.307 / 0.210 GMACs;
+    # the authors' counter also counts the norms (about 4% on both: test_adn_paper_convention), so
+    # the absolute numbers agree within 5% and the base/super ratio within 2%
+    paper_sup, paper_base = adn_release_macs("mobilenetv2")
+    assert abs(sup - paper_sup) / paper_sup < 0.05 and abs(base - paper_base) / paper_base < 0.05
+    assert abs(base / sup - paper_base / paper_sup) / (paper_base / paper_sup) < 0.02
 
 
 def test_the_adn_method_trains_and_predicts_every_sub_network():

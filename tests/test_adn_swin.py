@@ -10,6 +10,7 @@ from dynlab import config
 from dynlab.data import static_info
 from dynlab.registry import get_method
 from methods.backbones.adn_swin import ADNSwin
+from tests.published import adn_release_macs
 
 
 def small(depths=(2, 2, 6, 2)):
@@ -51,7 +52,8 @@ def test_skip_aware_layer_norms_train_only_in_skipped_stages():
 
 def test_swin_t_super_and_base_net_costs_match_the_paper_within_2_percent():
     model = ADNSwin(4, 96, [2, 2, 6, 2], [3, 6, 12, 24], 7, 1000)
-    for name, paper in (("FFFF", 4.49e9), ("TTTT", 2.34e9)):  # the issue's numbers (the paper's table prints 2.69 for the base-net)
+    # our split is the authors' release's (base-net 2.34); the paper's v1 Table 1 prints 2.69 for another split
+    for name, paper in zip(("FFFF", "TTTT"), adn_release_macs("swin_t")):
         macs, _ = model.subnet_cost(name)
         assert abs(macs - paper) / paper < 0.02, (name, macs)
     attn = model.features[1][0].attn  # 56x56 tokens of 96 in 7x7 windows, by hand
