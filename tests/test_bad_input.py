@@ -5,6 +5,8 @@ Every row runs the real command-line entry in-process (no Ray is started: the ch
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -36,6 +38,71 @@ def _truncated_zip(tmp: Path) -> Path:
             zf.write(f, f.relative_to(tree))
     z.write_bytes(z.read_bytes()[: z.stat().st_size // 2])  # the central directory is gone
     return z
+
+
+@functools.lru_cache(maxsize=None)
+def _image_bytes(fmt: str, size: tuple[int, int]) -> bytes:
+    """An image file's bytes (noise, so that a JPEG cut short loses pixels, not padding)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _zip_of(path: Path, members: dict[str, bytes], link: str = "") -> Path:
+    """A zip of ``members``, plus ``link`` as a symlink member."""
+    path.write_bytes(_zip_bytes(tuple(members.items()), link))
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _zip_bytes(members: tuple[tuple[str, bytes], ...], link: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = 0o120777 << 16  # what `zip --symlinks` stores
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+BOMB = bytes(17 << 20)  # 17 MiB of zeros: a 17 KB "image" member
+
+
+def _bad_image_data(t: Path) -> None:
+    """Image folders and zips that list well but hold a bad file, and weights files that load but
+    are no usable start: what the issue-15 rows point at. Every file from cached bytes (fast)."""
+    png = _image_bytes("PNG", (8, 8))
+    good = {f"{split}/{c}/0.png": png for split in ("train", "val") for c in ("a", "b")}
+    for name, extra in {
+        "readme": {"train/docs/README.txt": b"about this data set"},
+        "mixed": {"train/a/tiny.png": _image_bytes("PNG", (3, 3)), "train/b/photo.jpg": _image_bytes("JPEG", (100, 75))},
+        "zerobyte": {"train/a/empty.jpg": b""},
+        "text": {"train/b/notes.jpg": b"not an image, whatever its name says"},
+        "cut": {"train/a/cut.jpg": _image_bytes("JPEG", (64, 64))[:-1500]},  # the header is whole, the pixels are not
+    }.items():
+        for rel, data in {**good, **extra}.items():
+            (t / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (t / name / rel).write_bytes(data)
+    _zip_of(t / "good.zip", good)
+    _zip_of(t / "link.zip", good, link="train/a/link.jpg")
+    _zip_of(t / "bomb.zip", {**good, "train/a/bomb.png": BOMB})
+    locked = _zip_of(t / "locked.zip", good)  # its first member, train/a/0.png, marked encrypted:
+    raw = bytearray(locked.read_bytes())  # zipfile writes no encryption, so set the flag bit in the
+    raw[6] |= 1  # member's local header and in its central directory entry
+    raw[raw.find(b"PK\x01\x02") + 8] |= 1
+    locked.write_bytes(bytes(raw))
+    os.mkfifo(t / "pipe")
+    torch.save({"conv.weight": torch.tensor([[1.0, float("nan")]])}, t / "nan.pt")
+    torch.save(torch.zeros(3), t / "tensor.pt")
 
 
 # (pipeline, args, fragments of the one-line message); "{tmp}" is the test's folder
@@ -101,6 +168,23 @@ ROWS = [
     ("train", ["method=imta", "imta.phase=2"], ["'run.init_from' = ''", "a phase-I checkpoint", "imta.phase=2"]),
     ("train", ["method=imta", "imta.phase=2", "run.init_from={tmp}/runs/other-arch/epoch_0000/best.pt"], ["'run.init_from'", "other-arch", "a checkpoint of this msdnet", "differ from this model's", "same backbone settings"]),
     # --- issue 15, image data and weights files ---
+    # silently wrong data: a class no image teaches, an input size taken from whichever file came first
+    ("train", ["dataset=imagefolder", "data.root={tmp}/readme"], ["class folder(s) train/docs hold no images", "add its images or remove it"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/mixed"], ["image sizes disagree", "train/a/tiny.png is 3x3", "is 100x75", "set data.image_size=N"]),
+    # files that look like images until opened: each named before anything starts
+    ("train", ["dataset=imagefolder", "data.root={tmp}/zerobyte"], ["train/a/empty.jpg is empty (0 bytes)", "replace or remove it"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/text"], ["image train/b/notes.jpg cannot be read", "UnidentifiedImageError"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/cut"], ["image train/a/cut.jpg cannot be read", "truncated"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/link.zip"], ["zip member train/a/link.jpg is a symbolic link"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/locked.zip"], ["zip member train/a/0.png is encrypted (password-protected)"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/bomb.zip"], ["zip member train/a/bomb.png expands", "a compression bomb"]),
+    ("train", ["data.image_size=20000"], ["'data.image_size' = 20000", "0 (the dataset's own size) or 8 .. 256 pixels for digits"]),
+    ("train", ["dataset=synthetic", "data.image_size=20000"], ["'data.image_size' = 20000", "8 .. 1024 pixels for synthetic"]),
+    # not a folder or a file: /dev/zero was read until the kernel killed it, a named pipe waited for ever
+    ("train", ["dataset=imagefolder", "data.root=/dev/zero"], ["/dev/zero", "is a character device, not a folder or a regular file"]),
+    ("train", ["dataset=imagefolder", "data.root={tmp}/pipe"], ["pipe", "is a named pipe, not a folder or a regular file"]),
+    ("train", ["run.init_from={tmp}/nan.pt"], ["'run.init_from'", "nan.pt", "finite weights: tensor 'conv.weight' holds NaN or inf"]),
+    ("train", ["run.init_from={tmp}/tensor.pt"], ["'run.init_from'", "tensor.pt", "a state dict", "this file holds a Tensor"]),
     # --- issue 15, run names, storage, tracking and Ray address ---
     # --- issue 15, YAML and sweep size ---
 ]
@@ -148,6 +232,7 @@ def inputs(in_tmp):
     (t / "noclasses" / "val").mkdir(parents=True)
     _image_tree(t / "mismatch", ["cat", "dog"], ["cat", "zebra"])
     _truncated_zip(t)
+    _bad_image_data(t)
     corrupt = t / "runs" / "corrupt" / "epoch_0000"
     corrupt.mkdir(parents=True)
     for name in ("state.pt", "best.pt", "config.yaml"):

@@ -56,15 +56,19 @@ def test_full_training_set_with_anytime_evaluation_finishes(in_tmp, ray_local, c
 
 
 @pytest.mark.slow
-def test_corrupt_image_found_by_a_worker_is_one_line_and_a_failed_run(in_tmp, ray_local, capsys):
+def test_corrupt_image_found_by_a_worker_is_one_line_and_a_failed_run(in_tmp, ray_local, capsys, monkeypatch):
     from PIL import Image
+
+    from dynlab import data
 
     for split in ("train", "val"):
         for c in ("a", "b"):
             (in_tmp / "data" / split / c).mkdir(parents=True)
             for i in range(4):
-                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(in_tmp / "data" / split / c / f"{i}.png")
-    (in_tmp / "data" / "train" / "b" / "2.png").write_bytes(b"not a png")  # the index is fine; the pixels are not
+                Image.effect_noise((8, 8), 64).convert("RGB").save(in_tmp / "data" / split / c / f"{i}.png")
+    cut = in_tmp / "data" / "train" / "b" / "2.png"
+    cut.write_bytes(cut.read_bytes()[:150])  # the header is whole (the index and the sizes are fine); the pixels are not
+    monkeypatch.setattr(data, "DECODE_SAMPLE", 0)  # as in a large data set: the file lies beyond the driver's decoded sample
     args = [*TINY, "dataset=imagefolder", f"data.root={in_tmp / 'data'}", "data.heldout=2", "batch_size=2", "eval.num_budgets=1", "run.max_failures=0", "run.name=corrupt"]
     assert train.main(args) == 2
     out = capsys.readouterr().out

@@ -247,6 +247,163 @@ def test_imagefolder_missing_path_and_layout(tmp_path):
         D.dataset_info(DataConfig(name="imagefolder", root=str(bad_zip)))
 
 
+# ---------------------------------------------------------------- imagefolder: what the data itself can get wrong
+
+
+def _save(path: Path, img) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _sized_tree(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """Noise images of the given ``(width, height)`` at the given relative paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for rel, (w, h) in sizes.items():
+        _save(root / rel, Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    return root
+
+
+def test_a_16_bit_grey_png_is_read_with_its_values_scaled_to_8_bits(tmp_path):
+    from PIL import Image
+
+    gradient = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            _save(tmp_path / "grey" / split / c / "0.png", Image.fromarray(gradient))
+    with Image.open(tmp_path / "grey" / "train" / "a" / "0.png") as img:
+        assert img.mode.startswith("I")  # what Pillow opens a 16-bit grey PNG as (convert("RGB") clips it to white)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "grey"), heldout=0)
+    assert D.check(cfg).image_size == 16
+    b = D.build_datasets(cfg, seed=0)
+    pixels = np.asarray(D.ImageFolderDataset(b.test.samples, b.classes)[0][0])
+    assert pixels.shape == (16, 16, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+    assert np.abs(pixels[..., 0].astype(int) - np.round(gradient / 257)).max() <= 1  # 0 .. 255, not all 255
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_classes_are_the_train_folders_holding_images_in_the_check_and_the_dataset(tmp_path):
+    root = _tree(tmp_path / "tree")
+    (root / "train" / "a" / "nested").mkdir()
+    (root / "train" / "a" / "0.png").rename(root / "train" / "a" / "nested" / "0.png")  # images below a class folder count
+    (root / "train" / "__MACOSX").mkdir()  # skipped, as hidden files are
+    (root / "train" / "b" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "test" / "notes").mkdir()  # a test folder without images is not a class: ignored
+    (root / "test" / "notes" / "README.txt").write_text("about the test set")
+    cfg = DataConfig(name="imagefolder", root=str(root), heldout=2)
+    b = D.build_datasets(cfg, seed=0)
+    assert b.classes == ["a", "b"] and D.check(cfg).num_classes == b.info.num_classes == 2
+    assert len(b.train) + len(b.heldout) == 6
+
+    (root / "train" / "docs").mkdir()
+    (root / "train" / "docs" / "README.txt").write_text("about the data")  # would be class 0 of 3, never taught
+    for call in (lambda: D.check(cfg), lambda: D.build_datasets(cfg, seed=0)):
+        with pytest.raises(DataError, match=r"class folder\(s\) train/docs hold no images"):
+            call()
+
+
+def test_the_input_size_is_the_images_one_size_or_224_for_photos_else_data_image_size(tmp_path):
+    photos = {f"{s}/{c}/{i}.jpg": size for s in ("train", "val") for c in ("a", "b") for i, size in enumerate([(120, 90), (80, 100)])}
+    cfg = DataConfig(name="imagefolder", root=str(_sized_tree(tmp_path / "photos", photos)), heldout=0)
+    assert D.check(cfg).image_size == 224  # photos of any sizes: ImageNet-style at 224
+    b = D.build_datasets(cfg, seed=0)
+    assert b.info.image_size == 224 and b.test[0][0].shape == b.train[0][0].shape == (3, 224, 224)
+
+    tiny = _sized_tree(tmp_path / "tiny", {**photos, "train/a/zz.png": (3, 3)})  # listed last, smallest
+    for bad in (DataConfig(name="imagefolder", root=str(tiny)), DataConfig(name="imagefolder", root=str(_sized_tree(tmp_path / "small", {**{k: (32, 32) for k in photos}, "val/b/x.png": (28, 28)})))):
+        for call in (lambda: D.check(bad), lambda: D.dataset_info(bad), lambda: D.build_datasets(bad, seed=0)):
+            with pytest.raises(DataError, match=r"image sizes disagree \(.* is (3x3|28x28), .*\): .*set data.image_size=N"):
+                call()
+    b = D.build_datasets(DataConfig(name="imagefolder", root=str(tiny), image_size=48, heldout=0), seed=0)
+    assert b.info.image_size == 48 and all(b.train[i][0].shape == (3, 48, 48) for i in range(len(b.train)))
+
+
+def test_data_image_size_is_bounded_where_the_memory_is():
+    D.check_image_size(DataConfig(name="digits", image_size=256))
+    D.check_image_size(DataConfig(name="synthetic", image_size=1024))
+    for name, size, top in [("digits", 257, "8 .. 256"), ("synthetic", 20000, "8 .. 1024"), ("imagefolder", 4, "8 .. 1024")]:
+        with pytest.raises(ConfigError, match=f"'data.image_size' = {size} .*{top} pixels"):
+            D.check_image_size(DataConfig(name=name, image_size=size))
+
+
+def test_only_a_zips_images_are_extracted_and_its_sample_is_the_folders(tmp_path):
+    zp = _zip(_tree(tmp_path / "tree"), tmp_path / "tiny.zip")
+    with zipfile.ZipFile(zp, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("blob.bin", bytes(4 << 20))  # 4 KB in the zip, 4 MiB extracted: not an image, not extracted
+        zf.writestr("train/a/notes.txt", "about class a")
+    cfg = DataConfig(name="imagefolder", root=str(zp), heldout=2)
+    from_zip = D._imagefolder_index(cfg)
+    assert from_zip.base is None and from_zip.zip_bytes == sum(zipfile.ZipFile(zp).getinfo(n).file_size for n, _ in from_zip.train + from_zip.test)
+    _check_tiny(D.build_datasets(cfg, seed=0))
+    extracted = D.zip_cache_dir(zp)
+    assert sorted(p.name for p in extracted.rglob("*") if p.is_file()) == sorted([D.COMPLETE_MARKER] + ["0.png", "1.png", "2.png"] * 4)
+    from_folder = D._imagefolder_index(cfg)  # the worker's view: the same images, the same sample
+    assert from_folder.base == extracted and from_folder.sample(5) == from_zip.sample(5) and from_folder.classes == from_zip.classes
+    assert sorted(from_folder.train) == sorted(from_zip.train)
+
+
+def test_zip_members_that_are_empty_or_twice_are_named(tmp_path):
+    tree = _tree(tmp_path / "tree")
+    (tree / "train" / "b" / "0.png").write_bytes(b"")
+    zp = _zip(tree, tmp_path / "empty.zip")
+    with pytest.raises(DataError, match=r"zip member train/b/0.png is empty \(0 bytes\)"):
+        D.dataset_info(DataConfig(name="imagefolder", root=str(zp)))
+    zp = _zip(_tree(tmp_path / "tree2"), tmp_path / "twice.zip")
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(zp, "a") as zf:
+        zf.writestr("train/a/1.png", (tmp_path / "tree2" / "train" / "a" / "1.png").read_bytes())
+    with pytest.raises(DataError, match=r"zip member train/a/1.png appears twice"):
+        D.dataset_info(DataConfig(name="imagefolder", root=str(zp)))
+
+
+def test_an_image_a_loader_worker_cannot_decode_is_one_line_naming_it(tmp_path):
+    from torch.utils.data import DataLoader
+
+    root = _tree(tmp_path / "tree", per_class=1)
+    cut = root / "train" / "a" / "0.png"
+    cut.write_bytes(cut.read_bytes()[:100])  # the header is whole, the pixels are not
+    ds = D.build_datasets(DataConfig(name="imagefolder", root=str(root), heldout=0, augment=False), seed=0).train
+    with pytest.raises(DataError) as e:
+        list(DataLoader(ds, batch_size=1, num_workers=1))  # the worker process's error, re-raised here
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"image {cut} cannot be read (") and str(e.value).endswith("replace or remove it")
+
+
+def test_the_zip_cache_must_take_the_images(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from dynlab import preflight
+
+    zp = _zip(_tree(tmp_path / "tree"), tmp_path / "tiny.zip")
+    cfg = DataConfig(name="imagefolder", root=str(zp))
+    preflight.check_zip_cache(cfg)  # writable, room enough: nothing left behind
+    assert not (tmp_path / "cache").exists()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))  # a nearly full disk
+    with pytest.raises(ConfigError, match=r"'DYNLAB_CACHE' .* room for the images of data.root's zip \(0.0 GB to extract, 0.0 GB free\)"):
+        preflight.check_zip_cache(cfg)
+    monkeypatch.undo()
+    D.build_datasets(cfg, seed=0)
+    preflight.check_zip_cache(cfg)  # extracted already: nothing to check
+
+
+def test_init_weights_load_with_integer_buffers_and_from_a_full_state(tmp_path):
+    from dynlab import training
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))  # num_batches_tracked: an int64 buffer
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "state.pt")
+    assert set(training.read_weights(str(tmp_path / "state.pt"))) == set(model.state_dict())
+    torch.save({"1.weight": torch.ones(4), "epoch": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(ConfigError, match=r"a state dict .* this file holds 'epoch' -> int"):
+        training.read_weights(str(tmp_path / "mixed.pt"))
+    inf = model.state_dict()
+    inf["0.bias"][1] = float("inf")
+    torch.save(inf, tmp_path / "inf.pt")
+    with pytest.raises(ConfigError, match=r"finite weights: tensor '0.bias' holds NaN or inf"):
+        training.read_weights(str(tmp_path / "inf.pt"))
+
+
 # ---------------------------------------------------------------- cifar
 
 

@@ -264,7 +264,7 @@ def test_phase2_inputs_are_checked_by_the_preflight(phase1, tmp_path):
     with pytest.raises(ConfigError, match=r"run.init_from.*checkpoint of this msdnet \(\d+ tensor\(s\) differ"):
         preflight.check_init_from(other)
     torch.save({"epoch": 3}, tmp_path / "not-weights.pt")
-    with pytest.raises(ConfigError, match=r"run.init_from.*holds something else"):
+    with pytest.raises(ConfigError, match=r"run.init_from.*a state dict .*this file holds 'epoch' -> int"):
         preflight.check_init_from(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={tmp_path / 'not-weights.pt'}"]))
     preflight.check_init_from(config.cli_config(["method=imta", "imta.phase=2", f"run.init_from={phase1[0]}"]))  # fine
     assert math.isclose(config.cli_config(["method=imta"]).method_cfg.alpha, 0.9)

@@ -28,11 +28,19 @@ Datasets (``data.name``):
   ``data.download=true``). CIFAR-100 datasets also carry ``coarse_targets`` (the 20 superclasses),
   read from the pickled files torchvision keeps.
 * ``imagefolder``: ``data.root`` is a folder or a ``.zip`` with ``train/<class>/*`` and
-  ``val/<class>/*`` (or ``test/``), possibly under one top-level folder. A zip is extracted once into
-  ``$DYNLAB_CACHE`` (default ``~/.cache/dynlab``) as ``<zip stem>-<hash>``; the extraction is
-  atomic. Small images (<= 64 px, e.g. CIFAR as JPEGs) get CIFAR-style augmentation at their
-  native size; larger ones ImageNet-style (RandomResizedCrop 224 + flip; eval Resize 256 +
-  CenterCrop 224). ``data.image_size`` overrides the size. Normalised with the ImageNet mean/std.
+  ``val/<class>/*`` (or ``test/``), possibly under one top-level folder; every class folder of
+  ``train/`` must hold images (each is one of the model's classes). A zip's images, and nothing
+  else it holds, are extracted once into ``$DYNLAB_CACHE`` (default ``~/.cache/dynlab``) as
+  ``<zip stem>-<hash>``; the extraction is atomic. The input size is ``data.image_size=N`` when
+  given (every image resized to N x N), else read from the images' headers (a fixed sample of
+  1,000): all of one size up to 64 px on the longer side (e.g. CIFAR as JPEGs): that side;
+  all larger than 64 px, of any sizes (photos, ImageNet): 224, each image resized and cropped;
+  anything else (small images of several sizes, or a 3 x 3 image among photos) is refused, as no
+  one size is right for all: set ``data.image_size``. Inputs up to 64 px get CIFAR-style
+  augmentation (random crop of the padded image + flip), larger ones ImageNet-style
+  (RandomResizedCrop + flip; eval Resize 256/224 of the side + CenterCrop). 16-bit grey images
+  are scaled to 8 bits. Normalised with the ImageNet mean/std. What is checked before training
+  starts, and how thoroughly: see the imagefolder section below.
 * ``synthetic``: seeded random images, generated lazily and deterministically per index (so any
   size costs no memory), with class-dependent low-frequency patterns so models can learn them.
 
@@ -41,7 +49,9 @@ All paths are made absolute, as Ray workers change directory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import os
 import pickle
@@ -76,6 +86,19 @@ def static_info(name: str) -> DatasetInfo:
     if name not in STATIC_INFO:
         raise ConfigError("dataset", name, "one of " + ", ".join(STATIC_INFO))
     return STATIC_INFO[name]
+
+
+# data.image_size: a batch of 64 images at 1024 x 1024 is already 800 MB of floats; digits keeps its
+# 1,797 images in memory at that side (470 MB at 256), so it is bounded lower.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, MAX_IN_MEMORY_SIZE = 8, 1024, 256
+
+
+def check_image_size(cfg: DataConfig) -> None:
+    """``data.image_size`` is 0 (the dataset's own size) or a side the memory can hold."""
+    top = MAX_IN_MEMORY_SIZE if cfg.name == "digits" else MAX_IMAGE_SIZE
+    if cfg.image_size != 0 and not MIN_IMAGE_SIZE <= cfg.image_size <= top:
+        why = " (its 1,797 images are kept in memory at this size)" if cfg.name == "digits" else ""
+        raise ConfigError("data.image_size", cfg.image_size, f"0 (the dataset's own size) or {MIN_IMAGE_SIZE} .. {top} pixels for {cfg.name}{why}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,11 +182,13 @@ def build_datasets(cfg: DataConfig, seed: int) -> DataBundle:
     }
     if cfg.name not in builders:
         raise ConfigError("data.name", cfg.name, "one of " + ", ".join(builders))
+    check_image_size(cfg)
     return builders[cfg.name](cfg, seed)
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes and input size for ``cfg`` without loading the images where possible."""
+    check_image_size(cfg)
     size = cfg.image_size
     if cfg.name in ("cifar10", "cifar100"):
         _cifar_location(cfg)  # fail early (in the driver) when the files are missing
@@ -173,8 +198,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     if cfg.name == "synthetic":
         return DatasetInfo("synthetic", cfg.synthetic_classes, size or 32)
     if cfg.name == "imagefolder":
-        classes, native = _inspect_imagefolder(cfg)
-        return DatasetInfo("imagefolder", len(classes), _imagefolder_size(native, size)[0])
+        index = _imagefolder_index(cfg)
+        return DatasetInfo("imagefolder", len(index.classes), _input_size(cfg, index)[0])
     raise ConfigError("data.name", cfg.name, "one of digits, cifar10, cifar100, imagefolder, synthetic")
 
 
@@ -370,6 +395,19 @@ def _build_cifar(cfg: DataConfig, seed: int) -> DataBundle:
 
 # --------------------------------------------------------------------------------------------------
 # imagefolder
+#
+# An image folder (or a zip of one) is checked in three passes of growing cost per file, so that bad
+# data costs one line before anything starts while ImageNet's 1.3M files cost seconds, not an hour:
+#
+# 1. the listing of every file, nothing opened (a folder walk, or the zip's index): the layout, the
+#    classes, empty files, entries that are not regular files, zip members that are links,
+#    encrypted, implausibly large or duplicated;
+# 2. the headers of a fixed sample of SIZE_SAMPLE images (every image of a smaller dataset; about
+#    0.1 s per 1,000): each must open as an image; their sizes give the input size;
+# 3. a full decode of DECODE_SAMPLE of those, by the driver only (ImageNet JPEGs: about 5 ms each).
+#
+# A file beyond the samples that cannot be decoded stops the run when a training worker reaches it:
+# one line naming the file, the run FAILED (ImageReadError).
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TEST_SPLITS = ("val", "test")
@@ -379,6 +417,12 @@ LAYOUT = (
 )
 COMPLETE_MARKER = ".dynlab-extracted"
 SMALL_IMAGE = 64  # images up to this side get CIFAR-style augmentation at native size
+LARGE_INPUT = 224  # input side of larger images (ImageNet-style augmentation)
+SIZE_SAMPLE = 1000  # images whose headers are read (all of a smaller dataset)
+DECODE_SAMPLE = 200  # of those, decoded in full by the driver's check
+SAMPLE_SEED = 15  # fixed: the driver and every worker read the same sample
+MAX_MEMBER_BYTES = 256 << 20  # one image of a zip, uncompressed (a 8000 x 8000 RGB bitmap is 192 MB)
+BOMB_BYTES, BOMB_RATIO = 16 << 20, 100  # a member over 16 MiB compressed over 100:1 is no photo
 
 
 def _skip(name: str) -> bool:
@@ -395,8 +439,20 @@ def _locate_splits(has_dir: Callable[[str], bool], top_dirs: list[str]) -> tuple
     return None
 
 
+def _data_error(cfg: DataConfig, path: Path, problem: str) -> DataError:
+    return DataError(f"data.root = {cfg.root!r} (resolved: {path}): {problem}")
+
+
 def _layout_error(cfg: DataConfig, path: Path, problem: str) -> DataError:
-    return DataError(f"data.root = {cfg.root!r} (resolved: {path}): {problem}; expected {LAYOUT}")
+    return _data_error(cfg, path, f"{problem}; expected {LAYOUT}")
+
+
+def _file_kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISFIFO: "named pipe", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _imagefolder_root(cfg: DataConfig) -> Path:
@@ -405,6 +461,8 @@ def _imagefolder_root(cfg: DataConfig) -> Path:
     path = _abs(cfg.root)
     if not path.exists():
         raise _layout_error(cfg, path, "does not exist")
+    if not (path.is_dir() or path.is_file()):  # /dev/zero would be read for ever, a named pipe waits for a writer
+        raise _layout_error(cfg, path, f"is a {_file_kind(path)}, not a folder or a regular file")
     return path
 
 
@@ -420,8 +478,9 @@ def _is_extracted(d: Path) -> bool:
     return (d / COMPLETE_MARKER).is_file()
 
 
-def extract_zip(zip_path: str | os.PathLike) -> Path:
-    """Extract once into :func:`zip_cache_dir` and return it.
+def extract_zip(zip_path: str | os.PathLike, members: list[str]) -> Path:
+    """Extract ``members`` (the images the index found, nothing else the archive holds) once into
+    :func:`zip_cache_dir` and return it.
 
     The archive is unpacked into a temporary folder beside the target, marked complete, then renamed
     into place, so a partial extraction (killed, or still running elsewhere) is never taken for a
@@ -445,7 +504,7 @@ def extract_zip(zip_path: str | os.PathLike) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             with zipfile.ZipFile(src) as zf:
-                zf.extractall(tmp)
+                zf.extractall(tmp, members=members)
             (tmp / COMPLETE_MARKER).write_text(str(src) + "\n")
             if final.exists():  # an incomplete leftover under the final name: move it aside
                 stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=final.parent))
@@ -462,46 +521,268 @@ def extract_zip(zip_path: str | os.PathLike) -> Path:
     return final
 
 
-def _folder_splits(cfg: DataConfig, base: Path, shown: Path) -> tuple[Path, Path]:
-    tops = sorted(e.name for e in os.scandir(base) if e.is_dir() and not _skip(e.name))
-    found = _locate_splits(lambda rel: (base / rel).is_dir(), tops)
-    if found is None:
+# Listing: per split, class folder -> image names relative to the folder read (a class folder
+# without images maps to []), and the problems found, one sentence each.
+Listing = tuple[tuple[str, str], dict[str, dict[str, list[str]]], list[str]]
+
+
+def _walk_images(base: Path, rel: str, out: list[str], problems: list[str]) -> None:
+    """Images under ``base/rel`` in the order of ``os.walk`` with sorted names (a folder's files,
+    then its subfolders); a linked subfolder is not followed (no loops), as ``os.walk`` does."""
+    with os.scandir(base / rel) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    subdirs = []
+    for e in entries:
+        if _skip(e.name):
+            continue
+        if e.is_dir():
+            if not e.is_symlink():
+                subdirs.append(e.name)
+        elif e.name.lower().endswith(IMG_EXTENSIONS):
+            name = f"{rel}/{e.name}"
+            if not e.is_file():
+                problems.append(f"{name} is not a regular file (a named pipe, a device or a broken link): replace or remove it")
+            elif e.stat().st_size == 0:
+                problems.append(f"{name} is empty (0 bytes): replace or remove it")
+            else:
+                out.append(name)
+    for d in subdirs:
+        _walk_images(base, f"{rel}/{d}", out, problems)
+
+
+def _list_folder(cfg: DataConfig, base: Path, shown: Path) -> Listing:
+    def subdirs(rel: str) -> list[str]:
+        with os.scandir(base / rel) as it:
+            return sorted(e.name for e in it if e.is_dir() and not _skip(e.name))
+
+    splits = _locate_splits(lambda rel: (base / rel).is_dir(), subdirs(""))
+    if splits is None:
         raise _layout_error(cfg, shown, "no train/ and val/ (or test/) folders found")
-    return base / found[0], base / found[1]
+    files: dict[str, dict[str, list[str]]] = {}
+    problems: list[str] = []
+    for split in splits:
+        files[split] = {}
+        for c in subdirs(split):
+            files[split][c] = []
+            _walk_images(base, f"{split}/{c}", files[split][c], problems)
+    return splits, files, problems
 
 
-def _class_dirs(train_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not _skip(e.name))
+@functools.lru_cache(maxsize=4)
+def _zip_infos(path: str, size: int, mtime_ns: int) -> list[zipfile.ZipInfo]:
+    """A zip's index, read once per process and version of the file (ImageNet's takes seconds)."""
+    with zipfile.ZipFile(path) as zf:
+        return zf.infolist()
 
 
-def _scan(split_dir: Path, class_to_idx: dict[str, int], cfg: DataConfig, shown: Path) -> list[tuple[str, int]]:
-    samples = []
-    for name in sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _skip(e.name)):
-        if name not in class_to_idx:
-            raise _layout_error(cfg, shown, f"class folder {split_dir.name}/{name} has no counterpart in train/")
-        for dirpath, dirnames, filenames in os.walk(split_dir / name):
-            dirnames[:] = sorted(d for d in dirnames if not _skip(d))
-            for fn in sorted(filenames):
-                if fn.lower().endswith(IMG_EXTENSIONS) and not _skip(fn):
-                    samples.append((os.path.join(dirpath, fn), class_to_idx[name]))
-    if not samples:
-        raise _layout_error(cfg, shown, f"no images under {split_dir}")
-    return samples
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    import stat
+
+    name, size = info.filename, info.file_size
+    if stat.S_ISLNK(info.external_attr >> 16):  # extracted, it would be a file holding the link's target
+        return f"zip member {name} is a symbolic link: put the image itself in the zip (zip without --symlinks)"
+    if info.flag_bits & 0x1:
+        return f"zip member {name} is encrypted (password-protected): zip the images without a password"
+    if size == 0:
+        return f"zip member {name} is empty (0 bytes): replace or remove it"
+    if size > MAX_MEMBER_BYTES:
+        return f"zip member {name} is {size / 2**20:.0f} MiB uncompressed, over the {MAX_MEMBER_BYTES >> 20} MiB an image may have"
+    if size > BOMB_BYTES and size > BOMB_RATIO * max(1, info.compress_size):
+        return f"zip member {name} expands {size // max(1, info.compress_size)}:1 to {size / 2**20:.0f} MiB (a compression bomb, not an image)"
+    return None
+
+
+def _list_zip(cfg: DataConfig, path: Path) -> Listing:
+    try:
+        st = path.stat()
+        infos = _zip_infos(str(path), st.st_size, st.st_mtime_ns)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as err:
+        raise _layout_error(cfg, path, f"is not a readable .zip archive ({err})") from None
+    dirs = set()
+    for info in infos:
+        parts = info.filename.rstrip("/").split("/")
+        for i in range(1, len(parts) + info.is_dir()):
+            dirs.add("/".join(parts[:i]))
+    splits = _locate_splits(lambda rel: rel in dirs, sorted(d for d in dirs if "/" not in d and not _skip(d)))
+    if splits is None:
+        raise _layout_error(cfg, path, "no train/ and val/ (or test/) folders found in the zip")
+    files: dict[str, dict[str, list[str]]] = {s: {} for s in splits}
+    for d in dirs:
+        split, _, cls = d.rpartition("/")
+        if split in files and not _skip(cls):
+            files[split].setdefault(cls, [])
+    problems: list[str] = []
+    seen: set[str] = set()
+    for info in infos:
+        name = info.filename
+        split = next((s for s in splits if name.startswith(s + "/")), None)
+        if split is None or info.is_dir() or not name.lower().endswith(IMG_EXTENSIONS):
+            continue
+        parts = name[len(split) + 1:].split("/")
+        if len(parts) < 2 or any(p == "" or _skip(p) for p in parts):  # as the folder walk skips them
+            continue
+        problem = _member_problem(info) or (f"zip member {name} appears twice in the zip" if name in seen else None)
+        seen.add(name)
+        if problem:
+            problems.append(problem)
+        else:
+            files[split][parts[0]].append(name)
+    return splits, files, problems
+
+
+@dataclass
+class FolderIndex:
+    """An image folder or zip as listed and checked file by file, nothing decoded."""
+
+    root: Path  # data.root, resolved
+    base: Path | None  # the folder read: data.root, or its zip's extraction; None: the zip itself
+    classes: list[str]  # the class folders of train/ (each holds images); position = label
+    train: list[tuple[str, int]]  # (image relative to base, label), in the dataset's order
+    test: list[tuple[str, int]]
+    zip_bytes: int = 0  # what extracting the zip writes (0: nothing to extract)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def sample(self, k: int) -> list[str]:
+        """A fixed, shuffled sample of ``k`` images of both splits (all of them when fewer): the
+        same in the driver and in every worker, so that all agree on the input size."""
+        names = sorted(name for name, _ in self.train + self.test)
+        return [names[i] for i in np.random.default_rng(SAMPLE_SEED).permutation(len(names))[:k]]
+
+    @contextlib.contextmanager
+    def reader(self):
+        """``open(name)`` -> a binary file of one image, valid inside the block."""
+        if self.base is not None:
+            yield lambda name: open(self.base / name, "rb")  # noqa: SIM115 - the caller closes it
+        else:
+            with zipfile.ZipFile(self.root) as zf:
+                yield zf.open
+
+
+def _imagefolder_index(cfg: DataConfig) -> FolderIndex:
+    """Classes and images of both splits from a folder walk or a zip's index (nothing extracted),
+    so that layout problems and bad files fail in the driver, in one line."""
+    path = _imagefolder_root(cfg)
+    if path.is_dir():
+        base = path
+    elif not zipfile.is_zipfile(path):
+        raise _layout_error(cfg, path, "is a file but not a readable .zip archive (truncated or corrupt?)")
+    else:
+        base = zip_cache_dir(path) if _is_extracted(zip_cache_dir(path)) else None
+    try:
+        splits, files, problems = _list_folder(cfg, base, path) if base is not None else _list_zip(cfg, path)
+    except OSError as err:
+        raise _data_error(cfg, path, f"cannot be listed ({err})") from None
+    if problems:
+        raise _data_error(cfg, path, problems[0] + (f" (and {len(problems) - 1} more such file(s))" if len(problems) > 1 else ""))
+    (train_split, test_split), train, test = splits, files[splits[0]], files[splits[1]]
+    if not any(train.values()):
+        raise _layout_error(cfg, path, f"no class folders with images under {train_split}/")
+    if not any(test.values()):
+        raise _layout_error(cfg, path, f"no class folders with images under {test_split}/")
+    empty = sorted(c for c, names in train.items() if not names)
+    if empty:  # it would be a class of the model that no image teaches
+        shown = ", ".join(f"{train_split}/{c}" for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise _data_error(cfg, path, f"class folder(s) {shown} hold no images ({', '.join(IMG_EXTENSIONS)}): every class folder of {train_split}/ is one of the model's classes: add its images or remove it")
+    extra = sorted(c for c, names in test.items() if names and c not in train)
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise _layout_error(cfg, path, f"class folder(s) {shown} of {test_split}/ have no counterpart in {train_split}/")
+    classes = sorted(train)
+    label = {c: i for i, c in enumerate(classes)}
+    index = FolderIndex(path, base, classes, [(n, label[c]) for c in classes for n in train[c]], [(n, label[c]) for c in sorted(test) for n in test[c]])
+    if base is None:
+        st = path.stat()
+        sizes = {i.filename: i.file_size for i in _zip_infos(str(path), st.st_size, st.st_mtime_ns)}
+        index.zip_bytes = sum(sizes[n] for n, _ in index.train + index.test)
+    return index
+
+
+def _why_unreadable(err: BaseException) -> str:
+    from PIL import UnidentifiedImageError
+
+    detail = "not an image format Pillow reads" if isinstance(err, UnidentifiedImageError) else str(err)[:200]  # its text repeats the path
+    return f"{type(err).__name__}: {detail}"
+
+
+def _unreadable(cfg: DataConfig, index: FolderIndex, name: str, err: BaseException) -> DataError:
+    return _data_error(cfg, index.root, f"image {name} cannot be read ({_why_unreadable(err)}): replace or remove it")
+
+
+def _image_sizes(cfg: DataConfig, index: FolderIndex, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``(width, height)`` of ``names`` from their headers (nothing decoded)."""
+    from PIL import Image
+
+    sizes = {}
+    with index.reader() as open_image:
+        for name in names:
+            try:
+                with open_image(name) as f, Image.open(f) as img:
+                    sizes[name] = img.size
+            except Exception as err:  # noqa: BLE001 - any header PIL cannot read is a bad file
+                raise _unreadable(cfg, index, name, err) from None
+    return sizes
+
+
+def _decode(cfg: DataConfig, index: FolderIndex, names: list[str]) -> None:
+    """Decode ``names`` in full, as training will: a truncated or undecodable file fails here."""
+    with index.reader() as open_image:
+        for name in names:
+            try:
+                with open_image(name) as f:
+                    _open_rgb(f)
+            except Exception as err:  # noqa: BLE001 - as in ImageFolderDataset.__getitem__
+                raise _unreadable(cfg, index, name, err) from None
+
+
+def _input_size(cfg: DataConfig, index: FolderIndex, sizes: dict[str, tuple[int, int]] | None = None) -> tuple[int, bool]:
+    """``(side, small)``: the input side of an image folder and its augmentation style (``small``:
+    CIFAR-style, else ImageNet-style). ``data.image_size=N`` resizes every image to N (CIFAR-style
+    up to 64 px). Otherwise the sizes of the sampled images decide: all of one size up to 64 px on
+    the longer side: that side (CIFAR as JPEGs: 32); all larger than 64 px, of any sizes (photos,
+    ImageNet): 224, each image resized and cropped; else (small images of several sizes, or small
+    and large ones mixed, e.g. a 3 x 3 image among photos) no size is right for all: refused."""
+    if cfg.image_size > 0:
+        return cfg.image_size, cfg.image_size <= SMALL_IMAGE
+    sizes = sizes if sizes is not None else _image_sizes(cfg, index, index.sample(SIZE_SAMPLE))
+    smallest = min(sizes, key=lambda n: (max(sizes[n]), n))
+    if max(sizes[smallest]) > SMALL_IMAGE:
+        return LARGE_INPUT, False
+    if len(set(sizes.values())) == 1:
+        return max(sizes[smallest]), True
+    largest = max(sizes, key=lambda n: (max(sizes[n]), sizes[n][0] * sizes[n][1], n))
+    other = largest if sizes[largest] != sizes[smallest] else next(n for n in sorted(sizes) if sizes[n] != sizes[smallest])
+    (w, h), (w2, h2) = sizes[smallest], sizes[other]
+    raise _data_error(
+        cfg, index.root,
+        f"image sizes disagree ({smallest} is {w}x{h}, {other} is {w2}x{h2}): the input size is read from the images only when they "
+        f"all have one size or are all larger than {SMALL_IMAGE} px (then {LARGE_INPUT}); set data.image_size=N to resize every image to N x N",
+    )
+
+
+class ImageReadError(DataError):
+    """An image a training worker cannot decode. A DataLoader worker process's error comes back as
+    ``type(err)(message + its traceback)``: only the message is kept, so the run ends in one line."""
+
+    def __init__(self, message: str):
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] or message
+        super().__init__(message)
 
 
 def _open_rgb(fp):
     from PIL import Image
 
     img = Image.open(fp)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey (PNG, TIFF): convert("RGB") clips every value over 255 to white; scale instead
+        grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no fixed range: save the image with 8 or 16 bits")
     return img.convert("RGB")
-
-
-def _imagefolder_size(native: int, override: int) -> tuple[int, bool]:
-    """``(size, small_style)``: CIFAR style for small images, ImageNet style otherwise."""
-    small = native <= SMALL_IMAGE
-    if override > 0:
-        return override, small
-    return (native if small else 224), small
 
 
 class ImageFolderDataset(Dataset):
@@ -518,131 +799,36 @@ class ImageFolderDataset(Dataset):
             with open(path, "rb") as f:
                 img = _open_rgb(f)
         except Exception as err:  # noqa: BLE001 - a corrupt or unreadable image is a data problem, named
-            raise DataError(f"image {path} cannot be read ({type(err).__name__}: {err}): replace or remove it") from None
+            raise ImageReadError(f"image {path} cannot be read ({_why_unreadable(err)}): replace or remove it") from None
         return (self.transform(img) if self.transform is not None else img), y
 
 
-def _native_side(path: str) -> int:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return max(img.size)
-
-
 def _build_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
-    path = _imagefolder_root(cfg)
-    if path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise _layout_error(cfg, path, "is a file but not a .zip archive")
-        base = extract_zip(path)
-    else:
-        base = path
-    train_dir, test_dir = _folder_splits(cfg, base, path)
-    classes = _class_dirs(train_dir)
-    if not classes:
-        raise _layout_error(cfg, path, f"no class folders in {train_dir}")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    train_samples = _scan(train_dir, class_to_idx, cfg, path)
-    test_samples = _scan(test_dir, class_to_idx, cfg, path)
-
-    size, small = _imagefolder_size(_native_side(train_samples[0][0]), cfg.image_size)
+    index = _imagefolder_index(cfg)
+    if index.base is None:  # a zip: extract its images once, then read them from the folder
+        extract_zip(index.root, [name for name, _ in index.train + index.test])
+        index = _imagefolder_index(cfg)
+    size, small = _input_size(cfg, index)
     if small:
         tr_t, ev_t = _small_transforms(size, IMAGENET_STATS, cfg.augment, resize=True)
     else:
         tr_t, ev_t = _large_transforms(size, IMAGENET_STATS, cfg.augment)
-    train_aug = ImageFolderDataset(train_samples, classes, tr_t)
-    train_eval = ImageFolderDataset(train_samples, classes, ev_t)
-    test = ImageFolderDataset(test_samples, classes, ev_t)
-    info = DatasetInfo("imagefolder", len(classes), size)
-    return _assemble("imagefolder", train_aug, train_eval, test, seed, cfg.heldout, info, classes)
+    train_samples = [(str(index.base / name), y) for name, y in index.train]
+    test_samples = [(str(index.base / name), y) for name, y in index.test]
+    train_aug = ImageFolderDataset(train_samples, index.classes, tr_t)
+    train_eval = ImageFolderDataset(train_samples, index.classes, ev_t)
+    test = ImageFolderDataset(test_samples, index.classes, ev_t)
+    info = DatasetInfo("imagefolder", len(index.classes), size)
+    return _assemble("imagefolder", train_aug, train_eval, test, seed, cfg.heldout, info, index.classes)
 
 
-@dataclass
-class FolderIndex:
-    """What the driver learns about an image folder or zip without reading its images."""
-
-    classes: list[str]  # class folders of train/ that hold images
-    test_classes: list[str]  # class folders of val/ (or test/) that hold images
-    n_train: int
-    first_image: Callable[[], int]  # native side of one training image (opens one file)
-
-
-def _index_entries(cfg: DataConfig, path: Path, split: str, files: list[str]) -> tuple[dict[str, int], list[str]]:
-    """Images per class under ``split`` from relative file paths ``split/<class>/.../<image>``."""
-    counts: dict[str, int] = {}
-    first: list[str] = []
-    prefix = split + "/"
-    for name in files:
-        if not name.startswith(prefix) or not name.lower().endswith(IMG_EXTENSIONS):
-            continue
-        parts = name[len(prefix):].split("/")
-        if len(parts) < 2 or any(_skip(p) for p in parts):
-            continue
-        counts[parts[0]] = counts.get(parts[0], 0) + 1
-        if not first:
-            first.append(name)
-    return counts, first
-
-
-def _imagefolder_index(cfg: DataConfig) -> FolderIndex:
-    """Classes of both splits and the number of training images, from a folder walk or a zip's
-    index (nothing extracted), so that layout and held-out problems fail in the driver."""
-    path = _imagefolder_root(cfg)
-    base = path if path.is_dir() else zip_cache_dir(path) if zipfile.is_zipfile(path) and _is_extracted(zip_cache_dir(path)) else None
-    if base is not None:
-        train_dir, test_dir = _folder_splits(cfg, base, path)
-        files = [
-            os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/")
-            for split_dir in (train_dir, test_dir)
-            for dirpath, _, filenames in os.walk(split_dir)
-            for f in filenames
-        ]
-        splits = (os.path.relpath(train_dir, base).replace(os.sep, "/"), os.path.relpath(test_dir, base).replace(os.sep, "/"))
-        opener = lambda name: _native_side(str(base / name))  # noqa: E731
-    else:
-        if not zipfile.is_zipfile(path):
-            raise _layout_error(cfg, path, "is a file but not a readable .zip archive (truncated or corrupt?)")
-        try:
-            with zipfile.ZipFile(path) as zf:
-                files = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise _layout_error(cfg, path, f"is not a readable .zip archive ({err})") from None
-        dirs = set()
-        for n in files:
-            parts = n.rstrip("/").split("/")
-            for i in range(1, len(parts) + (1 if n.endswith("/") else 0)):
-                dirs.add("/".join(parts[:i]))
-        tops = sorted({d for d in dirs if "/" not in d and not _skip(d)})
-        splits = _locate_splits(lambda rel: rel in dirs, tops)
-        if splits is None:
-            raise _layout_error(cfg, path, "no train/ and val/ (or test/) folders found in the zip")
-
-        def opener(name: str) -> int:
-            from PIL import Image
-
-            try:
-                with zipfile.ZipFile(path) as zf, zf.open(name) as f, Image.open(f) as img:
-                    return max(img.size)
-            except Exception as err:  # noqa: BLE001 - any decoding problem is a data problem
-                raise _layout_error(cfg, path, f"cannot read the image {name} ({err})") from None
-
-    train_counts, first = _index_entries(cfg, path, splits[0], files)
-    test_counts, _ = _index_entries(cfg, path, splits[1], files)
-    if not train_counts:
-        raise _layout_error(cfg, path, f"no class folders with images under {splits[0]}/")
-    if not test_counts:
-        raise _layout_error(cfg, path, f"no class folders with images under {splits[1]}/")
-    extra = sorted(set(test_counts) - set(train_counts))
-    if extra:
-        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
-        raise _layout_error(cfg, path, f"class folder(s) {shown} of {splits[1]}/ have no counterpart in {splits[0]}/")
-    return FolderIndex(sorted(train_counts), sorted(test_counts), sum(train_counts.values()), lambda: opener(first[0]))
-
-
-def _inspect_imagefolder(cfg: DataConfig) -> tuple[list[str], int]:
-    """Class names and native image side, reading a zip's index rather than extracting it."""
+def zip_extraction(cfg: DataConfig) -> tuple[Path, int] | None:
+    """``(cache folder, bytes)`` that extracting ``data.root``'s zip will write, where data.root is
+    a zip not extracted yet (else None): the preflight checks that folder takes them."""
+    if cfg.name != "imagefolder":
+        return None
     index = _imagefolder_index(cfg)
-    return index.classes, index.first_image()
+    return (cache_base(), index.zip_bytes) if index.base is None else None
 
 
 CIFAR_TRAIN = 50_000
@@ -651,12 +837,19 @@ DIGITS_TRAIN = 1797 - DIGITS_TEST  # sklearn digits has 1,797 images
 
 def check(cfg: DataConfig, seed: int = 0) -> DatasetInfo:
     """Everything about the data that can be known in the driver before a worker starts: the
-    dataset exists and has the expected layout, and the held-out size fits the training set.
+    dataset exists and has the expected layout, its files pass the checks above (an image folder's
+    listing, a sample's headers and decoding) and the held-out size fits the training set.
     Returns the dataset's info (classes, input size)."""
-    info = dataset_info(cfg)
     if cfg.name == "imagefolder":
-        n_train = _imagefolder_index(cfg).n_train
+        check_image_size(cfg)
+        index = _imagefolder_index(cfg)
+        sample = index.sample(SIZE_SAMPLE)
+        sizes = _image_sizes(cfg, index, sample)
+        _decode(cfg, index, sample[:DECODE_SAMPLE])
+        info = DatasetInfo("imagefolder", len(index.classes), _input_size(cfg, index, sizes)[0])
+        n_train = index.n_train
     else:
+        info = dataset_info(cfg)
         n_train = {"digits": DIGITS_TRAIN, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN, "synthetic": cfg.synthetic_train}[cfg.name]
     heldout_split(n_train, cfg.heldout, seed, cfg.name)  # raises a ConfigError naming data.heldout
     return info
@@ -838,5 +1031,5 @@ def class_categories(spec: str, cfg: DataConfig, num_classes: int, key: str = "c
             return cifar100_categories(cfg)
         builtin = BUILTIN_CATEGORIES.get(cfg.name)
         return list(builtin) if builtin and len(builtin) == num_classes else None
-    classes = _inspect_imagefolder(cfg)[0] if cfg.name == "imagefolder" else None
+    classes = _imagefolder_index(cfg).classes if cfg.name == "imagefolder" else None
     return load_categories(spec, num_classes, classes, key)

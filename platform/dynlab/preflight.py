@@ -156,7 +156,28 @@ def check_config(cfg) -> None:
     from dynlab import steps
 
     info = data_mod.check(cfg.data, cfg.run.seed)
+    check_zip_cache(cfg.data)
     steps.check_model(cfg, info)
+
+
+def check_zip_cache(data_cfg) -> None:
+    """A zip given as ``data.root`` is extracted by the first training worker into the dataset cache:
+    that folder must take it (writable, room for its images), or the worker would find out."""
+    import shutil
+
+    need = data_mod.zip_extraction(data_cfg)
+    if need is None:
+        return
+    folder, size = need
+    key, shown = "DYNLAB_CACHE", os.environ.get("DYNLAB_CACHE") or str(folder)
+    fix = f"set {key} to a writable folder with room for them"
+    try:
+        writable_folder(key, folder, shown)
+    except ConfigError as err:
+        raise ConfigError(key, shown, f"{err.allowed} to extract the images of data.root's zip into: {fix}") from None
+    free = shutil.disk_usage(next(p for p in [folder, *folder.parents] if p.exists())).free
+    if size > free:
+        raise ConfigError(key, shown, f"a folder with room for the images of data.root's zip ({size / 1e9:.1f} GB to extract, {free / 1e9:.1f} GB free): {fix}")
 
 
 def _differing_tensors(model, saved: dict) -> list[str]:
@@ -202,6 +223,8 @@ def check_init_from(cfg) -> None:
     method = get_method(cfg.method).cls(cfg)
     try:
         saved = training.read_weights(source)
+    except ConfigError:  # not a state dict, or non-finite weights: named by read_weights
+        raise
     except Exception as err:  # noqa: BLE001 - missing or unreadable: the same problem for the user
         raise ConfigError("run.init_from", source, f"a readable .pt file, or a folder holding {training.BEST_FILE} ({type(err).__name__}: {str(err)[:200]})") from None
     model = method.build_model(data_mod.dataset_info(cfg.data))
@@ -220,7 +243,7 @@ def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
     check_tracking(uri)
     seen = set()
     for cfg in cfgs:
-        key = (cfg.data.name, cfg.data.root, cfg.data.heldout, cfg.run.seed, cfg.method, str(cfg.method_cfg), cfg.backbone, str(cfg.backbone_cfg), tuple(cfg.eval.budgets))
+        key = (cfg.data.name, cfg.data.root, cfg.data.heldout, cfg.data.image_size, cfg.run.seed, cfg.method, str(cfg.method_cfg), cfg.backbone, str(cfg.backbone_cfg), tuple(cfg.eval.budgets))
         if key not in seen:  # trials differing only in training knobs share these checks
             seen.add(key)
             check_config(cfg)

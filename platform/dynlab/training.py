@@ -317,10 +317,21 @@ def resume(loop: Loop, state: dict, best_state: dict) -> None:
 
 
 def read_weights(source: str) -> dict:
-    """Weights to start from: a .pt file, or a folder holding best.pt; a full state.pt gives its model."""
+    """Weights to start from: a .pt file, or a folder holding best.pt; a full state.pt gives its model.
+    A ConfigError naming ``run.init_from`` when the file holds no state dict (tensor name -> tensor)
+    or a tensor with NaN or inf values: training from those would only spread them."""
+    from dynlab.errors import ConfigError
+
     path = Path(source)
     state = torch.load(path / BEST_FILE if path.is_dir() else path, map_location="cpu", weights_only=True)
-    return state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+    state = state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+    wrong = f"a {type(state).__name__}" if not isinstance(state, dict) else next((f"{k!r} -> {type(v).__name__}" for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if wrong is not None:
+        raise ConfigError("run.init_from", source, f"a state dict (tensor names -> tensors, as torch.save(model.state_dict(), path) writes); this file holds {wrong}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ConfigError("run.init_from", source, f"finite weights: tensor {bad!r} holds NaN or inf values (start from an earlier checkpoint of the run that wrote them)")
+    return state
 
 
 def init_from(loop: Loop) -> None:
