@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from dynlab import config, sweeps, tracking
+from dynlab import config, sweeps, tracking, training
 
 TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2", "data.heldout=200", "eval.num_budgets=2", "eval.p_grid=false"]
 SWEEP = [*TINY, "sweep.values=[0.5]", "sweep.baseline=false"]
@@ -85,39 +85,54 @@ def checkpoints(storage: Path) -> set[str]:
     return {p.parent.name for p in storage.glob("*/epoch_*/state.pt")}
 
 
-def pipeline_env(tmp: Path, uri: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DYNLAB_CACHE")}
+def pipeline_env(tmp: Path, uri: str, gate: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DYNLAB_CACHE", training.TEST_GATE_ENV)}
     env.update(MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'platform'}")
+    if gate is not None:
+        env[training.TEST_GATE_ENV] = str(gate)
     return env
+
+
+def open_gate(gate: Path, epochs: int | None) -> Path:
+    """Let the training that reads ``gate`` run ``epochs`` epochs in all, then wait there (None: to
+    the end); see training.hold_at_test_gate. A fault injected while training waits at the gate
+    lands between two known epochs, however fast or slow the machine."""
+    if epochs is None:
+        gate.unlink(missing_ok=True)
+    else:
+        part = gate.with_name(gate.name + ".part")
+        part.write_text(str(epochs))
+        os.replace(part, gate)  # read whole or not at all
+    return gate
 
 
 @pytest.mark.slow
 def test_driver_killed_then_interrupted_then_rerun_continues_one_curve(tmp_path):
-    """SIGKILL of the driver mid-sweep, the same command interrupted by Ctrl-C (SIGINT), then the
-    same command to the end: one child run continues the trial's curve, every run is closed."""
-    epochs, storage, uri = 5, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args, env = [*SWEEP, f"epochs={epochs}", f"run.storage_path={storage}"], pipeline_env(tmp_path, uri)
+    """SIGKILL of the driver after epoch 1, the same command interrupted by Ctrl-C (SIGINT) after
+    epoch 2, then the same command to the end: one child run continues the trial's curve, every run
+    is closed. The first two invocations' training waits at a gate of its own after its epoch, so
+    each signal lands between known epochs (a dying worker cannot train on), whatever the speed."""
+    epochs, storage, uri = 3, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*SWEEP, f"epochs={epochs}", f"run.storage_path={storage}"]
 
-    killed = start(args, tmp_path, env, tmp_path / "killed.log")
-    wait_for(lambda: "epoch_0000" in checkpoints(storage), 180, "the first epoch's checkpoint", killed)
+    killed = start(args, tmp_path, pipeline_env(tmp_path, uri, open_gate(tmp_path / "killed.gate", 1)), tmp_path / "killed.log")
+    wait_for(lambda: "epoch_0000" in checkpoints(storage), 180, "epoch 1's checkpoint", killed)
     killed.send_signal(signal.SIGKILL)
     reap(killed)
+    assert checkpoints(storage) == {"epoch_0000"}
 
-    interrupted = start(args, tmp_path, env, tmp_path / "interrupted.log")
-    # the killed driver's last worker may still write a checkpoint while it dies: wait for this
-    # invocation's own worker to resume before looking for its new checkpoint
-    wait_for(lambda: "resumed from checkpoint" in (tmp_path / "interrupted.log").read_text(), 180, "the trial to resume", interrupted)
-    before = checkpoints(storage)
-    wait_for(lambda: checkpoints(storage) - before, 180, "a checkpoint of the resumed trial", interrupted)
+    interrupted = start(args, tmp_path, pipeline_env(tmp_path, uri, open_gate(tmp_path / "interrupted.gate", 2)), tmp_path / "interrupted.log")
+    wait_for(lambda: "epoch_0001" in checkpoints(storage), 180, "epoch 2's checkpoint, from the resumed trial", interrupted)
     interrupted.send_signal(signal.SIGINT)
     assert interrupted.wait(timeout=120) == 130
     reap(interrupted)
     out = (tmp_path / "interrupted.log").read_text()
-    assert "finished" not in out
+    assert "finished" not in out and "resumed from checkpoint after epoch 1" in out
+    assert checkpoints(storage) == {"epoch_0000", "epoch_0001"}
     mid = mlflow_counts(uri, "ablation_temperature", epochs)
     assert mid["status"].get("RUNNING", 0) == 0 and sum(mid["children_per_trial"].values()) == 1
 
-    again = start(args, tmp_path, env, tmp_path / "again.log")
+    again = start(args, tmp_path, pipeline_env(tmp_path, uri), tmp_path / "again.log")
     assert again.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-3000:]
     reap(again)
     counts = mlflow_counts(uri, "ablation_temperature", epochs)
@@ -125,7 +140,7 @@ def test_driver_killed_then_interrupted_then_rerun_continues_one_curve(tmp_path)
     parents = [r for r in counts["runs"] if "dynlab.trial" not in r.data.tags]
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED"]  # killed, interrupted, final
     (child,) = [r for r in counts["runs"] if "dynlab.trial" in r.data.tags]
-    assert child.info.status == "FINISHED" and int(child.data.tags["dynlab.resumed_at_epoch"]) >= 2  # not retrained from scratch
+    assert child.info.status == "FINISHED" and child.data.tags["dynlab.resumed_at_epoch"] == "2"  # after the interrupted invocation's epoch
     final = next(r for r in parents if r.info.status == "FINISHED")
     assert child.data.tags["mlflow.parentRunId"] == final.info.run_id
     assert len(child.data.tags[tracking.PARENTS_TAG].split(",")) == 2  # the killed and the interrupted invocations
@@ -159,7 +174,10 @@ def free_port() -> int:
 def start_mlflow(tmp: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts")]
-    proc = subprocess.Popen(cmd, cwd=tmp, stdout=(tmp / "server.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    # without MLflow 3's job runners (8 more processes importing MLflow: on 2 cores they starved the
+    # training's Ray node until it was declared dead, and they outlive a SIGTERM)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=(tmp / "server.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_for(lambda: _answers(port), 120, "the MLflow server", proc)
     return proc
 
@@ -176,29 +194,39 @@ def _answers(port: int) -> bool:
 def stop_mlflow(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
     proc.wait(timeout=30)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group outlived the SIGTERM
+    except ProcessLookupError:
+        pass
 
 
 @pytest.mark.slow
 def test_tracking_server_stopped_during_training_loses_no_metric(tmp_path):
+    """Epoch 1 logged to the server, epochs 2 and 3 trained while it is down, epoch 4 after it is
+    back: training waits at a gate while the test stops and starts the server."""
     epochs, storage, port = 4, tmp_path / "runs", free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow(tmp_path, port)
-    train = start([*TINY, f"epochs={epochs}", f"run.storage_path={storage}", "run.name=outage"], tmp_path, pipeline_env(tmp_path, uri), tmp_path / "train.log", module="pipelines.train")
+    gate = open_gate(tmp_path / "gate", 1)
+    train = start([*TINY, f"epochs={epochs}", f"run.storage_path={storage}", "run.name=outage"], tmp_path, pipeline_env(tmp_path, uri, gate), tmp_path / "train.log", module="pipelines.train")
     try:
         wait_for(lambda: "epoch_0000" in checkpoints(storage), 180, "epoch 1's checkpoint", train)
         stop_mlflow(server)
-        wait_for(lambda: "epoch_0002" in checkpoints(storage), 120, "two epochs trained with the server down", train)
+        open_gate(gate, 3)
+        wait_for(lambda: "epoch_0002" in checkpoints(storage), 180, "two epochs trained with the server down", train)
         server = start_mlflow(tmp_path, port)
+        open_gate(gate, None)
         assert train.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
+        c = MlflowClient(uri)
+        (run,) = c.search_runs([c.get_experiment_by_name("dynlab-train").experiment_id])
+        steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "best_score"))
     finally:
-        reap(train) if train.poll() is not None else train.kill()
-    c = MlflowClient(uri)
-    (run,) = c.search_runs([c.get_experiment_by_name("dynlab-train").experiment_id])
-    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "best_score"))
+        reap(train) if train.poll() is not None else os.killpg(train.pid, signal.SIGKILL)
+        if server.poll() is None:
+            stop_mlflow(server)
     print(f"[faults] tracking server outage: epochs logged {len(set(steps))}/{epochs}, duplicated {len(steps) - len(set(steps))}, run {run.info.status}")
     assert steps == list(range(epochs)) and run.info.status == "FINISHED"
     assert "metric points kept" in (tmp_path / "train.log").read_text()  # the outage was felt, and buffered
-    stop_mlflow(server)
 
 
 def test_metrics_logged_while_the_server_is_unreachable_are_buffered_and_sent_later(in_tmp):
@@ -219,12 +247,21 @@ def test_metrics_logged_while_the_server_is_unreachable_are_buffered_and_sent_la
 
 
 @pytest.fixture
-def worker_nodes_cluster():
+def epoch_gate(tmp_path, monkeypatch):
+    """Training started from this process (the Ray nodes it starts next included) waits after its
+    first epoch until the test opens the gate."""
+    monkeypatch.setenv(training.TEST_GATE_ENV, str(tmp_path / "gate"))
+    return open_gate(tmp_path / "gate", 1)
+
+
+@pytest.fixture
+def worker_nodes_cluster(epoch_gate):
     """A head without CPUs and three worker nodes of 1 CPU each, all on this machine (shared
     storage: a local folder). A trial holds 1 CPU (sweep.trial_cpus=1) and its Train worker
     another, so the worker never shares a node with the trial and its Train controller (pinned to
     the trial's node), and never sits on the head (which cannot be removed): removing the worker's
-    node is a node loss the trial must survive, on the third node."""
+    node is a node loss the trial must survive, on the third node. The nodes train behind
+    ``epoch_gate``."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -249,9 +286,11 @@ def train_worker_node(workers) -> object | None:
 
 
 @pytest.mark.slow
-def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, worker_nodes_cluster):
+def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, worker_nodes_cluster, epoch_gate):
+    """The Train worker's node is removed while the worker waits at the gate after epoch 1 (its
+    checkpoint written): the trial resumes on another node from that checkpoint."""
     cluster, workers = worker_nodes_cluster
-    epochs = 8  # about a second each: leaves the node remover a window after the first checkpoint
+    epochs = 2
     # a worker group (not an in-process trial): the node lost is the Train worker's, the trial's driver survives it
     base = config.cli_config([*TINY, f"epochs={epochs}", f"run.storage_path={in_tmp / 'shared'}", "sweep.trial_cpus=1", "sweep.in_process=false"])
     (trial,) = sweeps.expand(base, grid={"boostnet.temperature": [0.5]})
@@ -259,10 +298,13 @@ def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, w
     removed = []
 
     def remove_when_checkpointed():
-        wait_for(lambda: "epoch_0000" in checkpoints(in_tmp / "shared") and train_worker_node(workers), 240, "the first checkpoint")
-        node = train_worker_node(workers)
-        cluster.remove_node(node)
-        removed.append(node)
+        try:
+            wait_for(lambda: "epoch_0000" in checkpoints(in_tmp / "shared") and train_worker_node(workers), 240, "the first checkpoint")
+            node = train_worker_node(workers)
+            cluster.remove_node(node)
+            removed.append(node)
+        finally:
+            open_gate(epoch_gate, None)  # the retried worker trains to the end (and so does one the remover missed)
 
     import threading
 
@@ -276,4 +318,4 @@ def test_node_removed_during_a_sweep_retries_its_trial_on_another_node(in_tmp, w
     counts = mlflow_counts(tracking.tracking_uri(), "node-loss", epochs)
     assert_clean(counts, trials=1, epochs=epochs, fault="node removed")
     (child,) = [r for r in counts["runs"] if "dynlab.trial" in r.data.tags]
-    assert int(child.data.tags["dynlab.resumed_at_epoch"]) >= 1  # resumed from its checkpoint, not from scratch
+    assert child.data.tags["dynlab.resumed_at_epoch"] == "1"  # resumed from epoch 1's checkpoint, not from scratch

@@ -211,8 +211,32 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if loop.cfg.run.kill_after_epoch == epoch:  # fault injection for tests: die like a preempted node.
             # Fires once: a retry resumes from this epoch's checkpoint, so it never reaches this epoch again.
             os.kill(os.getpid(), signal.SIGKILL)
+        if epoch + 1 < loop.cfg.run.epochs:
+            hold_at_test_gate(epoch)
     if loop.tracker and not loop.tracker.flush(FINAL_FLUSH_SECONDS):
         _progress("tracking server still unreachable: some epochs' metrics were not logged (the checkpoints hold them; a resumed run logs them)")
+
+
+TEST_GATE_ENV = "DYNLAB_TEST_EPOCH_GATE"
+TEST_GATE_SECONDS = 600.0
+
+
+def hold_at_test_gate(epoch: int) -> None:
+    """Fault tests only: with ``$DYNLAB_TEST_EPOCH_GATE`` naming a file that holds a number N,
+    training waits once the run has N epochs done (checkpointed and logged; resumed ones count)
+    until the file allows more or is removed, so that a test acts between two known epochs
+    whatever the machine's speed. Unset (outside tests): returns at once."""
+    gate = os.environ.get(TEST_GATE_ENV)
+    deadline = time.monotonic() + TEST_GATE_SECONDS
+    while gate:
+        try:
+            if int(Path(gate).read_text() or -1) > epoch + 1:
+                return
+        except FileNotFoundError:
+            return
+        if time.monotonic() > deadline:  # a test that died: never train on unobserved
+            raise RuntimeError(f"{TEST_GATE_ENV}={gate} held epoch {epoch + 1} for {TEST_GATE_SECONDS:.0f} s")
+        time.sleep(0.1)
 
 
 def setup(payload: dict[str, Any]) -> Loop:
