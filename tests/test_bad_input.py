@@ -186,7 +186,29 @@ ROWS = [
     ("train", ["run.init_from={tmp}/nan.pt"], ["'run.init_from'", "nan.pt", "finite weights: tensor 'conv.weight' holds NaN or inf"]),
     ("train", ["run.init_from={tmp}/tensor.pt"], ["'run.init_from'", "tensor.pt", "a state dict", "this file holds a Tensor"]),
     # --- issue 15, run names, storage, tracking and Ray address ---
+    # a name becomes a folder: one with a path in it wrote (and resumed) outside the storage folder
+    ("train", ["run.name=../runs/other-arch"], ["'run.name' = '../runs/other-arch'", "ASCII letters, digits, '-', '_' and '.'", "no path separators, '..'"]),
+    ("train", ["run.name={tmp}/runs/other-arch"], ["'run.name'", "other-arch", "no path separators"]),
+    ("train", ["run.name=.."], ["'run.name' = '..'", "not starting with '.'"]),
+    ("train", ["run.name=" + "x" * 300], ["'run.name' = 'xxx", "(302 characters)", "1 to 100 characters"]),
+    ("train", ["run.name=été"], ["'run.name' = 'été'", "ASCII letters"]),
+    ("train", ["run.name=a\tb"], ["'run.name' = 'a\\tb'", "ASCII letters"]),
+    ("temperature", ["run.experiment=../../elsewhere"], ["'run.experiment' = '../../elsewhere'", "no path separators"]),
+    ("train", ["run.storage_path={tmp}/loop"], ["'run.storage_path'", "not a symlink loop"]),
+    ("train", ["$MLFLOW_TRACKING_URI=sqlite:///{tmp}/empty"], ["'MLFLOW_TRACKING_URI'", "a SQLite database file", "is a folder"]),
+    ("train", ["$MLFLOW_TRACKING_URI=sqlite:///{tmp}/afile"], ["'MLFLOW_TRACKING_URI'", "a SQLite database file", "another kind of file"]),
+    # a HOME under a regular file: unwritable for root too (chmod is not); a local Ray writes its token there
+    ("train", ["$HOME={tmp}/afile/home", "$RAY_AUTH_MODE=token", "$RAY_AUTH_TOKEN=", "$RAY_AUTH_TOKEN_PATH="], ["'HOME' =", "a writable home folder", ".ray/auth_token", "Not a directory"]),
+    ("train", ["$RAY_ADDRESS=127.0.0.1:9"], ["'RAY_ADDRESS' = '127.0.0.1:9'", "a running Ray cluster", "unset RAY_ADDRESS"]),
+    ("temperature", ["$RAY_ADDRESS=ray://127.0.0.1:9"], ["'RAY_ADDRESS' = 'ray://127.0.0.1:9'", "a running Ray cluster"]),
     # --- issue 15, YAML and sweep size ---
+    ("train", ["config={tmp}/twice.yaml"], ["'run.epochs'", "twice.yaml", "each key once: given at line 2 and again at line 4"]),
+    ("train", ["config={tmp}/twice_dotted.yaml"], ["'run.epochs'", "given at line 1 and again at line 3"]),
+    ("train", ["config={tmp}/laughs.yaml"], ["laughs.yaml", "at most 10000 values once its aliases (*name) are expanded"]),
+    ("train", ["config={tmp}/deep.yaml"], ["deep.yaml", "nests too deep"]),
+    ("temperature", ["sweep.repeats=100000"], ["'sweep.repeats' = 100000", "at most 200 trials", "600000 (6 point(s) x 100000 seed(s))", "sweep.allow_large=true"]),
+    ("temperature", ["sweep.values=[" + ",".join(str(i) for i in range(1000)) + "]"], ["'sweep.values' = [0.0, 1.0, 2.0", "(6890 characters)", "1001 (1001 point(s) x 1 seed(s))"]),
+    ("temperature", ["sweep.values=[" + ",".join(["1"] * 999) + ",x]"], ["'sweep.values[999]' = 'x'", "a number"]),
 ]
 
 
@@ -243,6 +265,13 @@ def inputs(in_tmp):
     torch.save(state, other / "state.pt")
     torch.save(state["model"], other / "best.pt")
     (other / "config.yaml").write_text("method: boostnet\n")
+    (t / "loop").symlink_to(t / "loop")  # a symlink to itself
+    (t / "twice.yaml").write_text("run:\n  epochs: -5\n  seed: 1\n  epochs: 2\n")  # the invalid first value was hidden
+    (t / "twice_dotted.yaml").write_text("run.epochs: 2\nrun:\n  epochs: 3\n")
+    # "billion laughs": 10 aliases to 10 aliases ... six levels deep, 10^6 values from a few lines
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcde", "bcdef")]
+    (t / "laughs.yaml").write_text("\n".join(levels) + "\nrun:\n  epochs: *f\n")
+    (t / "deep.yaml").write_text("run: " + "[" * 50000 + "]" * 50000 + "\n")
     return t
 
 
@@ -254,7 +283,11 @@ def _written(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("pipeline, args, fragments", ROWS, ids=[f"{i:02d}-{' '.join(r[1])[:40]}" for i, r in enumerate(ROWS)])
 def test_bad_input_is_one_line_and_leaves_no_trace(inputs, capsys, monkeypatch, pipeline, args, fragments):
-    assert_refused(inputs, capsys, pipeline, args, fragments, machine_values(preflight.cluster_nodes()))
+    values = machine_values(preflight.cluster_nodes())  # before the row's environment (a RAY_ADDRESS) applies
+    for var, _, value in (a[1:].partition("=") for a in args if a.startswith("$")):  # "$VAR=value": the environment it runs in
+        monkeypatch.setenv(var, value.replace("{tmp}", str(inputs)))
+    args = [a for a in args if not a.startswith("$")]
+    assert_refused(inputs, capsys, pipeline, args, fragments, values)
 
 
 def assert_refused(root: Path, capsys, pipeline: str, args: list[str], fragments: list[str], values: dict[str, str]) -> None:

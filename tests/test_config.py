@@ -186,3 +186,75 @@ def test_budgeted_evaluation_without_heldout_is_refused_and_anytime_only_is_allo
         config.cli_config(["data.heldout=0"])
     cfg = config.cli_config(["data.heldout=0", "eval.num_budgets=0", "eval.p_grid=false"])
     assert cfg.data.heldout == 0
+
+
+# ------------------------------------------------------------------ issue 15: names, YAML, long values
+
+
+@pytest.mark.parametrize("name", ["my-run_1.2", "A", "0", "_x", "x" * config.NAME_MAX])
+def test_plain_names_are_accepted(name):
+    cfg = config.cli_config([f"run.name={name}", f"run.experiment={name}"])
+    assert cfg.run.name == cfg.run.experiment == name
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", ".hidden", "-flag", "a b", "a\tb", "été", "x" * (config.NAME_MAX + 1)])
+@pytest.mark.parametrize("key", ["run.name", "run.experiment"])
+def test_a_name_that_is_a_path_or_odd_is_refused(key, name):
+    with pytest.raises(ConfigError) as info:
+        config.resolve({key: name})
+    assert info.value.key == key and "ASCII letters, digits" in str(info.value)
+
+
+def test_a_name_from_a_saved_config_is_checked_too():
+    d = config.cli_config([]).to_dict()
+    d["run"]["name"] = "../../elsewhere"
+    with pytest.raises(ConfigError, match="run.name"):
+        config.from_dict(d)
+
+
+def test_a_huge_value_is_cut_in_the_line_but_kept_whole_on_the_error():
+    value = list(range(100_000))
+    err = ConfigError("sweep.values", value, "something")
+    line = str(err)
+    assert len(line) < 400 and "\n" not in line and line.endswith("expected something")
+    assert "[0, 1, 2" in line and "99999]" in line and f"({len(repr(value))} characters)" in line
+    assert err.value is value  # the program still has the whole value
+
+
+def test_a_newline_in_a_value_stays_on_one_line():
+    assert "\n" not in str(ConfigError("run.name", "a\nb", "x")) and "\n" not in str(ConfigError("a\nb", 1, "x"))
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("run:\n  epochs: -5\n  seed: 1\n  epochs: 2\n", "'run.epochs'"),  # the invalid first value would be hidden
+        ("run.epochs: 2\nrun:\n  epochs: 3\n", "given at line 1 and again at line 3"),
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "given at line 2 and again at line 3"),
+    ],
+)
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path, text, fragment):
+    f = tmp_path / "twice.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match="each key once") as info:
+        config.cli_config([f"config={f}"])
+    assert fragment in str(info.value)
+
+
+def test_yaml_anchors_within_bounds_still_work(tmp_path):
+    f = tmp_path / "anchors.yaml"
+    f.write_text("eval:\n  budgets: &b [1, 2]\nsweep:\n  values: *b\n")
+    cfg = config.cli_config([f"config={f}"])
+    assert cfg.eval.budgets == cfg.sweep.values == [1.0, 2.0]
+
+
+def test_yaml_aliases_expanding_past_the_limit_are_refused_without_expanding(tmp_path):
+    import time
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    f = tmp_path / "laughs.yaml"
+    f.write_text("\n".join(levels) + "\n")  # 10^9 values once expanded
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="at most 10000 values") as info:
+        config.cli_config([f"config={f}"])
+    assert time.monotonic() - t0 < 10 and len(str(info.value)) < 300

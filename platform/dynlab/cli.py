@@ -1,13 +1,17 @@
 """The shared command-line entry of every pipeline: parse ``key=value`` arguments, check everything
 that can be checked before work starts (:mod:`dynlab.preflight`), then open an MLflow run and run
-the pipeline inside a guard that marks the run FAILED (KILLED on Ctrl-C) on any error, and print
-where the results are. Exit codes: 0 done, 1 a failure (failed trials or steps), 2 bad input (one
-clear line, no traceback; found before the run starts it leaves no MLflow run at all), 130 Ctrl-C."""
+the pipeline inside a guard that marks the run FAILED (KILLED on Ctrl-C or SIGTERM) on any error,
+and print where the results are. Exit codes: 0 done, 1 a failure (failed trials or steps), 2 bad
+input (one clear line, no traceback; found before the run starts it leaves no MLflow run at all),
+130 Ctrl-C, 143 SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
+import signal
+import threading
 import time
 import typing
 from typing import Callable
@@ -53,7 +57,8 @@ def main(
     config the pipeline will train (``plan(cfg)``, default ``[cfg]``) before anything is written: bad
     input is one line, exit code 2 and no MLflow run. Then open the run and call
     ``body(cfg, handle, name)`` inside a guard: a later failure marks the run FAILED (exit 1, or 2
-    when a worker found bad input), Ctrl-C marks it KILLED (exit 130), failed trials exit 1."""
+    when a worker found bad input), Ctrl-C marks it KILLED (exit 130), and so does SIGTERM (exit
+    143), failed trials exit 1."""
     for module in plugins:
         __import__(module)
     if any(a in ("-h", "--help") for a in argv):
@@ -72,6 +77,12 @@ def main(
         cluster.stop_if_started()
         return 2
 
+    with sigterm_as_ctrl_c() as terminated:
+        return _run(cfg, argv, body, uri, name, named, terminated)
+
+
+def _run(cfg, argv, body, uri: str, name: str, named: bool, terminated: list[int]) -> int:
+    """Open the run and call the pipeline's body inside the guard (see :func:`main`)."""
     tracking.close_orphans(tracking.experiment_id(cfg.run.experiment, uri), uri)  # runs left RUNNING by a killed driver
     handle = tracking.open_run(cfg.run.experiment, name, tags={"dynlab.argv": " ".join(argv)}, resume_key=name)
     print(f"[dynlab] MLflow run {handle.run_id} ('{name}') in {uri}", flush=True)
@@ -83,8 +94,9 @@ def main(
             if failed:
                 raise TrialsFailed(failed)
     except KeyboardInterrupt:
-        print(f"\n[dynlab] interrupted: MLflow run {handle.run_id} marked KILLED. Run the same command again to resume" + ("" if named else f" (with run.name={name})") + ".")
-        return 130
+        why = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\n[dynlab] {why}: MLflow run {handle.run_id} marked KILLED. Run the same command again to resume" + ("" if named else f" (with run.name={name})") + ".")
+        return 128 + signal.SIGTERM if terminated else 130
     except TrialsFailed as err:
         report(out, handle, uri, name, finished=False)
         print(storage.results_line(cfg, handle.run_id, uri, out.get("figure")), flush=True)
@@ -103,6 +115,33 @@ def main(
     report(out, handle, uri, name)
     print(storage.results_line(cfg, handle.run_id, uri, out.get("figure")), flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (``kill``, a scheduler or container stopping the job) does what Ctrl-C does: every
+    MLflow run still RUNNING is closed KILLED and the command can be run again to resume. The
+    handler hands the signal to whatever handles SIGINT at that moment: Python's (a
+    KeyboardInterrupt where the driver is), or Ray Tune's while a sweep runs (it stops the trials,
+    whose child runs are then closed). Yields a list that holds the signal once one came (exit 143)."""
+    terminated: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield terminated
+        return
+
+    def handler(signum, frame):
+        terminated.append(signum)
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        else:  # SIG_IGN / SIG_DFL: stop all the same, through the guard
+            raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 class TrialsFailed(DynlabError):

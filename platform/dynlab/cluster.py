@@ -4,7 +4,10 @@ pays Ray's start-up."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 
 _STARTED_RAY = False
 LOCAL_HOST = "127.0.0.1"  # a local Ray's dashboard binds here, never to a public address
@@ -28,9 +31,26 @@ def ensure_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(**init_options())
+        with _keep_sigterm_handler():
+            ray.init(**init_options())
         _STARTED_RAY = True
     return ray
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """Ray's core worker installs a SIGTERM handler of its own in this process (it prints a stack
+    and aborts): the command's handler (SIGTERM closes the runs like Ctrl-C, see
+    ``cli.sigterm_as_ctrl_c``) is put back after ``ray.init``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(ours):
+            signal.signal(signal.SIGTERM, ours)
 
 
 def runtime_env() -> dict | None:

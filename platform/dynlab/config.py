@@ -58,6 +58,25 @@ class RunConfig:
     wait_for_resources: bool = field(default=False, metadata={"hash": False, "help": "wait for workers the cluster does not have yet (autoscaling); default: fail at once"})
     kill_after_epoch: int = field(default=-1, metadata={"hash": False, "min": -1, "help": "fault injection for tests"})
 
+    def validate(self, section: str) -> None:
+        check_name(f"{section}.name", self.name, empty_ok=True)  # "" = a fresh name per run
+        check_name(f"{section}.experiment", self.experiment)
+
+
+NAME_MAX = 100  # characters: run folders, Ray Train runs and MLflow artifact folders add to it, and a path part holds 255
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(key: str, value: str, empty_ok: bool = False) -> None:
+    """A run or experiment name becomes a folder (``<storage>/<run.name>``, ``mlruns/<experiment>``):
+    a name with ``/`` or ``..`` would write (or resume!) outside the storage folder, a newline or a
+    non-ASCII letter breaks logs and Ray's metrics under the POSIX locale, a very long one the file
+    system. So a name is plain ASCII letters, digits, ``-``, ``_`` and ``.``, not starting with ``.``."""
+    if value == "" and empty_ok:
+        return
+    if len(value) > NAME_MAX or not _NAME.fullmatch(value):
+        raise ConfigError(key, value, f"a name of 1 to {NAME_MAX} characters: ASCII letters, digits, '-', '_' and '.', not starting with '.' or '-' (it becomes a folder's name: no path separators, '..' or spaces)")
+
 
 @dataclass
 class DataConfig:
@@ -115,6 +134,7 @@ class SweepConfig:
     asha: bool = field(default=False, metadata={"help": "stop weak trials early (ASHA on held-out accuracy)"})
     grace_period: int = bounded(1, 1, help="epochs before ASHA may stop a trial")
     cache_dir: str = field(default="", metadata={"hash": False, "help": "step cache (a folder; shared by every node on a cluster); default $DYNLAB_STEP_CACHE, else <run.storage_path>/cache"})
+    allow_large: bool = field(default=False, metadata={"hash": False, "help": "run a sweep of more than 200 trials (refused by default: a stray sweep.repeats or a pasted list of values would start them all)"})
 
 
 SHORTCUTS = {
@@ -345,16 +365,54 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("config", str(path), "an existing YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        _check_yaml_tree(path, yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError("config", str(path), f"valid YAML; {getattr(err, 'problem', None) or 'a syntax error'}{where}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError("config", str(path), f"a readable UTF-8 YAML file ({err})") from None
+    except RecursionError:  # thousands of nested brackets
+        raise ConfigError("config", str(path), "a YAML file of keys and values (this one nests too deep to read)") from None
     if not isinstance(data, dict):
         raise ConfigError("config", str(path), "a YAML mapping of keys to values")
     return _flatten(data)
+
+
+YAML_MAX_VALUES = 10_000  # a config file holds tens of values; aliases that expand to more are an attack or a mistake
+
+
+def _check_yaml_tree(path, root) -> None:
+    """What ``yaml.safe_load`` lets through silently: a key given twice (the last wins, hiding the
+    first, maybe invalid, value) and aliases (``*a``) that expand to more than
+    YAML_MAX_VALUES values (a "billion laughs" file: small on disk, huge once read). Works on the
+    composed node tree, where an alias is the same node object again: sizes are memoised, so
+    nothing is expanded here."""
+    sizes: dict[int, int] = {}
+    first: dict[str, int] = {}  # dotted key -> its line: `run.epochs: 2` and `run: {epochs: 3}` are one key too
+
+    def size(node, prefix: str) -> int:
+        if id(node) in sizes:  # an alias of a node already measured (and checked)
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node that contains itself (a recursive alias) counts once
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in first and key.value != "<<":
+                    raise ConfigError(name, str(path), f"each key once: given at line {first[name]} and again at line {key.start_mark.line + 1} (the last would silently win)")
+                if name is not None:
+                    first[name] = key.start_mark.line + 1
+                total += size(key, prefix) + size(value, f"{name}." if name is not None else prefix)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item, f"{prefix}[{i}].") for i, item in enumerate(node.value))
+        sizes[id(node)] = total
+        return total
+
+    if root is not None and (n := size(root, "")) > YAML_MAX_VALUES:
+        raise ConfigError("config", str(path), f"a YAML file of at most {YAML_MAX_VALUES} values once its aliases (*name) are expanded (this one expands to {n})")
 
 
 def resolve(overrides: dict[str, Any] | list[str] | None = None, yaml_path: str | Path | None = None) -> Config:

@@ -10,10 +10,23 @@ class ConfigError(DynlabError, ValueError):
 
     def __init__(self, key: str, value, allowed: str, hint: str = ""):
         self.key, self.value, self.allowed, self.hint = key, value, allowed, hint
-        super().__init__(f"config '{key}' = {value!r} is not allowed: expected {allowed}" + (f" ({hint})" if hint else ""))
+        super().__init__(f"config {shown(key, quote=True)} = {shown(value)} is not allowed: expected {allowed}" + (f" ({hint})" if hint else ""))
 
     def __reduce__(self):  # picklable, so that it crosses Ray process boundaries intact
         return (type(self), (self.key, self.value, self.allowed, self.hint))
+
+
+SHOWN_CHARS = 200  # a value echoed in an error line is cut beyond this: the line stays one readable line
+
+
+def shown(value, quote: bool = False) -> str:
+    """``repr(value)`` (``'value'`` for a key: ``quote``), its middle cut when longer than
+    SHOWN_CHARS: a 10^6-item list from YAML aliases or a 300-character name must not become the
+    line. Head and tail are kept (a long path's end says which file); control characters escaped."""
+    text = f"'{value}'".encode("unicode_escape").decode("ascii") if quote else repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:120]} ... {text[-50:]} ({len(text)} characters)"
 
 
 def did_you_mean(word: str, options) -> str:
@@ -30,6 +43,11 @@ def did_you_mean(word: str, options) -> str:
 
 class DataError(DynlabError):
     """A dataset cannot be found or read."""
+
+
+class TrainingDiverged(DynlabError):
+    """The training loss became NaN or infinite: the run stops (FAILED) rather than train, select
+    or publish a model of NaN weights."""
 
 
 class StorageError(DynlabError):

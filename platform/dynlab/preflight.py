@@ -42,20 +42,78 @@ def check_tracking(uri: str, timeout: float = TRACKING_TIMEOUT) -> None:
             reason = getattr(err, "reason", err)
             raise ConfigError("MLFLOW_TRACKING_URI", uri, f"a reachable MLflow tracking server (no answer from {url} within {timeout:.0f} s: {reason}); start it or unset MLFLOW_TRACKING_URI for a local SQLite store") from None
     elif uri.startswith("sqlite:///"):
-        writable_folder("MLFLOW_TRACKING_URI", Path(uri[len("sqlite:///") :]).parent, uri)
+        db = Path(uri[len("sqlite:///") :])
+        if db.exists() and not db.is_file():
+            raise ConfigError("MLFLOW_TRACKING_URI", uri, f"a SQLite database file ({db} is a folder); name a file inside it, e.g. sqlite:///{db / 'mlflow.db'}")
+        if db.is_file() and db.stat().st_size and not _is_sqlite(db):
+            raise ConfigError("MLFLOW_TRACKING_URI", uri, f"a SQLite database file ({db} is another kind of file); name a new or an MLflow .db file")
+        writable_folder("MLFLOW_TRACKING_URI", db.parent, uri)
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False  # unreadable: the same problem for the user
+
+
+RAY_TIMEOUT = 5.0  # seconds for the Ray cluster at RAY_ADDRESS to accept a connection
+
+
+def check_ray_address(timeout: float = RAY_TIMEOUT) -> None:
+    """The Ray cluster named by ``RAY_ADDRESS`` (``host:port`` of its GCS, ``ray://host:port`` of a
+    Ray Client server) accepts a TCP connection within ``timeout`` seconds: ``ray.init`` waits for a
+    closed port for minutes. ``auto`` and ``local`` (and anything else Ray may read) are left to Ray."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    host_port = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = host_port.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        why = "no answer" if isinstance(err, socket.timeout) else (err.strerror or type(err).__name__)
+        raise ConfigError("RAY_ADDRESS", address, f"the address of a running Ray cluster ({host}:{port}: {why} within {timeout:.0f} s); start it (ray start --head), or unset RAY_ADDRESS to start a local Ray") from None
+
+
+def check_home() -> None:
+    """A local Ray with token authentication (Ray's default) writes its token to
+    ``~/.ray/auth_token`` when none exists yet: a HOME that cannot take it (read-only, not a
+    folder) fails inside ``ray.init`` with a traceback. Nothing to check when Ray is joined at
+    ``RAY_ADDRESS``, authentication is off, or a token is already there."""
+    if os.environ.get("RAY_ADDRESS", "local").strip() not in ("", "local") or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
+    if os.environ.get("RAY_AUTH_TOKEN") or (token_file and Path(token_file).expanduser().is_file()):
+        return
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_size:
+        return
+    reason = unwritable(token.parent)
+    if reason is not None:
+        raise ConfigError("HOME", str(Path.home()), f"a writable home folder: a local Ray saves its auth token in {token} ({reason}); set HOME to a writable folder, or RAY_AUTH_TOKEN_PATH to a token file (python -m dynlab.cluster_token <file> writes one)")
 
 
 def writable_folder(key: str, folder: Path, shown=None) -> None:
     """Prove that ``folder`` takes a file (an unwritable or full disk fails here), leaving no trace:
     folders created for the probe are removed again (the run creates them when it writes)."""
+    reason = unwritable(folder)
+    if reason is not None:
+        raise ConfigError(key, str(shown or folder), f"a writable folder ({reason})")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` does not take a file (``"<folder>: <why>"``), or None; see :func:`writable_folder`."""
     folder = folder.expanduser().absolute()
     created = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
     probe = folder / f".dynlab-probe-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"0" * 4096)
+        return None
     except OSError as err:
-        raise ConfigError(key, str(shown or folder), f"a writable folder ({folder}: {err.strerror or err})") from None
+        return f"{folder}: {err.strerror or err}"
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
@@ -241,6 +299,8 @@ def check_all(cfgs: Iterable, uri: str, tune_trials: bool = False) -> None:
     first; none leaves anything behind."""
     cfgs = list(cfgs)
     check_tracking(uri)
+    check_ray_address()
+    check_home()
     seen = set()
     for cfg in cfgs:
         key = (cfg.data.name, cfg.data.root, cfg.data.heldout, cfg.data.image_size, cfg.run.seed, cfg.method, str(cfg.method_cfg), cfg.backbone, str(cfg.backbone_cfg), tuple(cfg.eval.budgets))

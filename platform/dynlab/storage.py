@@ -19,6 +19,7 @@ shared file system the user declares in ``$DYNLAB_SHARED_FS`` (mount points, sep
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -55,10 +56,22 @@ def under_ray_job() -> bool:
     return RAY_JOB_ENV in os.environ or in_ray_session(Path.cwd())
 
 
-def resolve(path: str) -> str:
+def resolve(path: str, key: str = "run.storage_path") -> str:
     """A URI as given; a local path absolute, resolved in the driver (Ray workers and Tune trials
-    run in folders of their own)."""
-    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+    run in folders of their own). A path that cannot be resolved (a symlink loop) is a ConfigError
+    naming ``key``."""
+    if is_remote(path):
+        return path
+    p = Path(path).expanduser()
+    try:
+        return str(p.resolve(strict=True))  # strict: Python >= 3.13 resolves a loop without a word otherwise
+    except RuntimeError as err:  # Python < 3.13: "Symlink loop from ..."
+        loop = err
+    except OSError as err:
+        if err.errno != errno.ELOOP:  # not there yet (the run creates it), or not a folder (the writable check says so)
+            return str(p.resolve())
+        loop = err
+    raise ConfigError(key, path, f"a folder, not a symlink loop ({getattr(loop, 'strerror', None) or loop}): point it at a real folder")
 
 
 def storage_source(cfg) -> tuple[str, str]:
@@ -77,7 +90,8 @@ def default_storage() -> str:
 
 def storage_path(cfg) -> str:
     """``run.storage_path`` with its defaults (see the module docstring), resolved."""
-    return resolve(storage_source(cfg)[1] or default_storage())
+    key, value = storage_source(cfg)
+    return resolve(value or default_storage(), key)
 
 
 def cache_source(cfg) -> tuple[str, str] | None:
@@ -97,7 +111,7 @@ def cache_path(cfg) -> Path:
         key, value = source
         if is_remote(value):
             raise ConfigError(key, value, "a folder (local, or on a shared file system such as EFS): the step cache is read and written as files")
-        return Path(resolve(value))
+        return Path(resolve(value, key))
     storage = storage_path(cfg)
     if is_remote(storage):
         raise ConfigError("sweep.cache_dir", cfg.sweep.cache_dir, f"a folder (local, or on a shared file system) given as sweep.cache_dir or ${STEP_CACHE_ENV}, since run.storage_path={storage!r} is remote")

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ def expand(
     the ``random`` axes, plus ``extra`` trials (e.g. a baseline), each repeated ``base.sweep.repeats``
     times with seeds run.seed, run.seed+1, ... Every trial config is resolved (so validated) here."""
     grid, random = dict(grid or {}), dict(random or {})
+    points_n = math.prod(len(v) for v in grid.values()) * (max(1, base.sweep.num_samples) if random else 1) + len(extra or [])
+    check_size(base, points_n, bool(random))  # before any trial config is resolved: 100000 of them take minutes
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     if random:
         rng = np.random.default_rng(base.run.seed)
@@ -96,6 +99,26 @@ def expand(
             seen.add(tid)
             trials.append(Trial(tid, label, overrides, cfg.to_dict(), cfg.train_hash()))
     return trials
+
+
+MAX_TRIALS = 200  # a larger sweep is asked for explicitly (sweep.allow_large=true)
+
+
+def check_size(base: config_mod.Config, points: int, random: bool = False) -> None:
+    """A sweep of more than MAX_TRIALS trials (``points`` x ``sweep.repeats``) needs
+    ``sweep.allow_large=true``: a stray ``sweep.repeats=100000`` or a pasted list of 1,000 values
+    would otherwise start them all without a word. The line names the key that makes it large."""
+    s = base.sweep
+    n = points * s.repeats
+    if n <= MAX_TRIALS or s.allow_large:
+        return
+    if s.repeats > 1 and points <= MAX_TRIALS:
+        key, value = "sweep.repeats", s.repeats
+    elif random and s.num_samples > MAX_TRIALS:
+        key, value = "sweep.num_samples", s.num_samples
+    else:
+        key, value = "sweep.values", s.values
+    raise ConfigError(key, value, f"a sweep of at most {MAX_TRIALS} trials: this one has {n} ({points} point(s) x {s.repeats} seed(s)); add sweep.allow_large=true to run them all")
 
 
 def cache_root(cfg: config_mod.Config) -> Path:
@@ -358,7 +381,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         with stop_signal() as stopped:
             grid = tuner.fit()
         if stopped:
-            close_children(parent, "KILLED", "interrupted (SIGINT): run the same command again to resume")
+            close_children(parent, "KILLED", "interrupted (SIGINT or SIGTERM): run the same command again to resume")
             raise KeyboardInterrupt("sweep interrupted: its trials were stopped and their runs closed KILLED")
         for r in grid:
             if r.error is not None:

@@ -295,7 +295,8 @@ def run_guard(handle: RunHandle) -> Iterator[RunHandle]:
     try:
         yield handle
     except BaseException as err:  # KeyboardInterrupt too: never leave a run RUNNING
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        # stopped from outside (Ctrl-C, SIGTERM; Tune ending a trial's process with SystemExit), not failed
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
         with contextlib.suppress(Exception):
             handle.set_tags({"dynlab.error": f"{type(err).__name__}: {err}"[:5000]})
             handle.log_text("".join(traceback.format_exception(err)), "error.txt")

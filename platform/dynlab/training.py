@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from dynlab import config as config_mod
-from dynlab.errors import StorageError
+from dynlab.errors import StorageError, TrainingDiverged
 from dynlab.predictions import ExitPredictions, GatedPredictions, Predictions, SubnetPredictions, concat
 
 STATE_FILE = "state.pt"
@@ -415,11 +415,13 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
     loop.model.train()
     sums: dict[str, torch.Tensor] = {}
     seen, last_note = 0, time.time()
+    watch = LossWatch(device)
     for step, (images, targets) in enumerate(loader):
         images, targets = to_device(images, device, fmt), targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
             metrics = loop.method.train_step(loop.model, (images, targets), backward)
+        watch.step(metrics.get("loss"), step, epoch, len(loader), cfg)  # before the optimiser takes a NaN step
         if cfg.run.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.run.grad_clip)
@@ -432,8 +434,10 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
             sums[k] = sums.get(k, 0) + v * n
         if loop.rank == 0 and time.time() - last_note > PROGRESS_SECONDS:  # long epochs show progress
             last_note = time.time()
+            watch.check(epoch, len(loader), cfg)  # synchronised here anyway
             loss = float(sums["loss"]) / seen if "loss" in sums else float("nan")
             _progress(f"epoch {epoch + 1}/{cfg.run.epochs}  step {step + 1}/{len(loader)}  loss {loss:.4f}  {seen / (last_note - t0):.0f} img/s")
+    watch.check(epoch, len(loader), cfg)  # before this epoch's weights can be scored, selected or saved
     loop.scheduler.step()
     train_metrics = {f"train/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
     if loop.world > 1:  # average over ranks
@@ -442,6 +446,48 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
         dist.all_reduce(t)
         train_metrics = {k: float(v) / loop.world for k, v in zip(keys, t)}
     return train_metrics
+
+
+class LossWatch:
+    """Stops training at a NaN or infinite loss (``optim.lr=1e6`` gives one in the first steps),
+    with one line naming the epoch, the step and the keys to look at. On the CPU every step's loss
+    is checked at once (a comparison, no synchronisation to pay). On an accelerator reading the
+    loss each step would stall the queue of kernels, so the first bad step is kept on the device
+    (a couple of tiny kernels per step) and read where the loop synchronises anyway: at progress
+    lines and at the end of the epoch, before its weights are scored, selected or checkpointed."""
+
+    def __init__(self, device: torch.device, deferred: bool | None = None):
+        self.on_cpu = device.type == "cpu" if deferred is None else not deferred
+        self.first_bad = None if self.on_cpu else torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = None if self.on_cpu else torch.zeros((), dtype=torch.float32, device=device)
+
+    def step(self, loss, step: int, epoch: int, steps: int, cfg) -> None:
+        if not torch.is_tensor(loss):
+            if loss is not None and not math.isfinite(float(loss)):
+                raise diverged(float(loss), epoch, step, steps, cfg)
+            return
+        loss = loss.detach().float()
+        if self.on_cpu:
+            if not torch.isfinite(loss).all():
+                raise diverged(float(loss.sum()), epoch, step, steps, cfg)
+            return
+        new = (self.first_bad < 0) & ~torch.isfinite(loss).all()
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.bad_value = torch.where(new, loss.sum(), self.bad_value)
+
+    def check(self, epoch: int, steps: int, cfg) -> None:
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            raise diverged(float(self.bad_value), epoch, int(self.first_bad), steps, cfg)
+
+
+def diverged(value: float, epoch: int, step: int, steps: int, cfg) -> TrainingDiverged:
+    """The one line for a non-finite loss (0-based ``epoch`` and ``step``, printed 1-based)."""
+    r, o = cfg.run, cfg.optim
+    return TrainingDiverged(
+        f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} of {steps}; nothing of this epoch is kept. "
+        f"Lower optim.lr (now {o.lr:g}) or add optim.warmup_epochs (now {o.warmup_epochs}), check run.amp (now {r.amp}; fp16 can overflow), "
+        f"set run.grad_clip (now {r.grad_clip:g}{', off' if not r.grad_clip else ''}), or look at data.batch_size (now {cfg.data.batch_size})"
+    )
 
 
 def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], float]:
