@@ -183,6 +183,8 @@ ROWS = [
     # not a folder or a file: /dev/zero was read until the kernel killed it, a named pipe waited for ever
     ("train", ["dataset=imagefolder", "data.root=/dev/zero"], ["/dev/zero", "is a character device, not a folder or a regular file"]),
     ("train", ["dataset=imagefolder", "data.root={tmp}/pipe"], ["pipe", "is a named pipe, not a folder or a regular file"]),
+    # the zip is extracted by the first worker: a cache folder under a regular file is unwritable for root too
+    ("train", ["dataset=imagefolder", "data.root={tmp}/good.zip", "$DYNLAB_CACHE={tmp}/afile/cache"], ["'DYNLAB_CACHE'", "a writable folder", "Not a directory", "to extract the images of data.root's zip"]),
     ("train", ["run.init_from={tmp}/nan.pt"], ["'run.init_from'", "nan.pt", "finite weights: tensor 'conv.weight' holds NaN or inf"]),
     ("train", ["run.init_from={tmp}/tensor.pt"], ["'run.init_from'", "tensor.pt", "a state dict", "this file holds a Tensor"]),
     # --- issue 15, run names, storage, tracking and Ray address ---
