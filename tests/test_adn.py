@@ -269,7 +269,6 @@ def test_individual_baselines_train_one_network_with_cross_entropy(which, name):
     assert preds.names == [name]
 
 
-@pytest.mark.slow
 def test_resnet101_super_and_base_net_costs_are_torchvisions_resnet101_and_its_halved_stages():
     """The paper gives no ResNet-101-ADN costs; measured with the same counter, the super-net
     costs exactly torchvision's ResNet-101 (torchvision documents 7.8 GFLOPs, i.e. GMACs, at

@@ -24,7 +24,6 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in training.unwrap(model).state_dict().items()}
 
 
-@pytest.mark.slow  # trains (tiny)
 def test_our_loop_and_the_bare_loop_train_the_same_weights():
     cfg = tiny()
     ours = throughput.Ours(cfg, torch.device("cpu"))
@@ -43,7 +42,6 @@ def test_our_loop_and_the_bare_loop_train_the_same_weights():
     assert metrics["train/loss"] > 0
 
 
-@pytest.mark.slow  # trains (tiny)
 def test_throughput_benchmark_prints_both_rates_and_the_ratio(capsys):
     results = throughput.main([*TINY, "--repeats", "2"])
     out = capsys.readouterr().out
@@ -60,7 +58,6 @@ def test_keys_a_cpu_cannot_time_are_skipped_with_a_reason(capsys):
     assert throughput.skip_reason(tiny("run.amp=bf16", "run.channels_last=true"), cpu) is None
 
 
-@pytest.mark.slow  # trains (tiny)
 def test_channels_last_and_bf16_keep_training_results_on_cpu():
     runs = {}
     for name, extra in (("plain", []), ("channels_last", ["run.channels_last=true"]), ("bf16", ["run.amp=bf16"])):
@@ -120,7 +117,6 @@ def test_loader_batches_are_identical_with_0_and_2_workers():
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
-@pytest.mark.slow  # trains (tiny)
 def test_data_loading_benchmark_gives_a_row_per_setting(capsys):
     rows = data_loading.main(["--cases", "digits", "--workers", "0,1", "--subset", "64", "batch_size=16", "msdnet.n_blocks=2"])
     out = capsys.readouterr().out

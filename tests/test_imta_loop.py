@@ -15,7 +15,6 @@ from dynlab import config, training
 SMALL = ["method=imta", "dataset=synthetic", "data.synthetic_train=64", "data.synthetic_test=32", "data.synthetic_classes=3", "data.batch_size=16", "workers=0", "optim.lr=0.05", "msdnet.n_blocks=2"]
 
 
-@pytest.mark.slow
 def test_phase2_trains_from_phase1_and_keeps_it_frozen(in_tmp, monkeypatch):
     calls = []
     load = training.init_from
