@@ -139,13 +139,13 @@ def pytest_collection_modifyitems(items):
     _SLOW_ITEMS[:] = [i.nodeid for i in items if i.get_closest_marker("slow")]
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     with _watching_slow_starts(item):
-        yield
+        return (yield)
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     with _watching_slow_starts(item):
-        yield
+        return (yield)

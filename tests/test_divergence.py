@@ -45,14 +45,14 @@ def test_finite_losses_pass_and_plain_numbers_are_checked_too():
         training.LossWatch(torch.device("cpu")).step(math.inf, 1, 0, 3, cfg)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # in-process training still starts Ray (Ray Train's local mode)
 def test_a_diverging_run_fails_with_one_line_and_keeps_nothing(in_tmp, capsys):
     """optim.lr=1e6 ended FINISHED with a checkpoint of NaN weights; now: exit 2, one error line,
     the MLflow run FAILED, no checkpoint (so no best.pt) of the diverged epoch."""
     from pipelines import train
 
     storage = in_tmp / "runs"
-    rc = train.main([*TINY, "epochs=2", "optim.lr=1e6", "run.max_failures=0", "run.name=diverged", f"run.storage_path={storage}"])
+    rc = train.main([*TINY, "workers=0", "epochs=2", "optim.lr=1e6", "run.name=diverged", f"run.storage_path={storage}"])
     out = capsys.readouterr().out
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert rc == 2 and len(errors) == 1, out
