@@ -1,7 +1,9 @@
 
 import contextlib
+import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,10 @@ def _no_outside_ray():
         os.environ["RAY_ADDRESS"] = saved
 
 
+ROOT = Path(__file__).resolve().parent.parent
+_SHARED_RAY: list[bool] = []  # [True] while the Ray started by ray_local runs
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray instance (2 CPUs, like CI) shared by the integration tests that ask for it: the
@@ -42,7 +48,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+        # PYTHONPATH: Ray's workers import the tests' step functions by module name (tests.test_dag),
+        # whatever folder the test that happened to start Ray had changed into
+        env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+        _SHARED_RAY.append(True)
     return ray
 
 
@@ -152,8 +162,10 @@ def _shut_down_shared_ray(item) -> None:
     import sys
 
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized() and (item is None or not _uses_ray_local(item)):
-        ray.shutdown()
+    if _SHARED_RAY and (item is None or not _uses_ray_local(item)):  # only the Ray ray_local started
+        _SHARED_RAY.clear()
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 def pytest_sessionfinish(session):
