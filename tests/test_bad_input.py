@@ -138,6 +138,8 @@ ROWS = [
     ("train", ["optim.milestones=[0.8,0.2]"], ["'optim.milestones'", "increasing fractions"]),
     ("train", ["data.heldout=5000"], ["'data.heldout' = 5000", "fewer than the 1297 training images"]),
     ("train", ["data.heldout=0"], ["'data.heldout' = 0", "eval.num_budgets=0 eval.p_grid=false"]),
+    ("train", ["data.train_subset=998"], ["'data.train_subset' = 998", "1 image per class .. 997 (the training split of 'digits' after the 300 held-out images)"]),
+    ("train", ["data.train_subset=5"], ["'data.train_subset' = 5", "at least one image per class (10 classes)"]),
     ("train", ["dataset=imagefolder"], ["'data.root'", "ImageNet layout"]),
     ("train", ["dataset=imagefolder", "data.root={tmp}/nowhere"], ["nowhere", "does not exist"]),
     ("train", ["dataset=imagefolder", "data.root={tmp}/data.zip"], ["data.zip", "not a readable .zip archive"]),

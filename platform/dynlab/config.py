@@ -83,6 +83,7 @@ class DataConfig:
     name: str = choice("digits", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
     root: str = field(default="", metadata={"help": "dataset folder or .zip (imagefolder, cifar)"})
     heldout: int = bounded(-1, -1, help="held-out images taken from train; -1 = dataset default")
+    train_subset: int = bounded(0, 0, help="train on a seeded, class-stratified subset of N images of the training split (held-out and test unchanged); 0 = all")
     batch_size: int = bounded(64, 1)
     eval_batch_size: int = bounded(256, 1)
     augment: bool = True

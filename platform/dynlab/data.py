@@ -17,6 +17,9 @@ entries are held out. ``data.heldout=-1`` picks the dataset default (5,000 for C
 digits; 50,000 for an image folder with >= 500k training images, else 10%; 10% for synthetic).
 ``data.heldout=0`` is allowed and gives an empty held-out set; model selection (``run.select=best``)
 then has nothing to score, so use ``run.select=last`` with it.
+``data.train_subset=N`` (0 = off) then keeps N images of the training split: per class in
+proportion to the split's class counts (largest remainder, at least one per class), each class's
+picked by a permutation seeded from ``[seed, TRAIN_SUBSET_SEED]``; held-out and test are unchanged.
 
 Datasets (``data.name``):
 
@@ -158,8 +161,70 @@ def heldout_split(n_train: int, heldout: int, seed: int, name: str = "") -> tupl
     return np.sort(perm[size:]), np.sort(perm[:size])
 
 
-def _assemble(name, train_aug, train_eval, test, seed, heldout, info, classes) -> DataBundle:
+TRAIN_SUBSET_SEED = 7919  # offset from the run seed: the subset's permutation differs from the held-out one
+
+
+def check_train_subset(n: int, split: int, heldout: int, num_classes: int, name: str) -> None:
+    """``data.train_subset=n`` must fit the training split (``split`` images after ``heldout``
+    held-out ones) and give every one of the ``num_classes`` classes an image."""
+    if n == 0:
+        return
+    if n > split:
+        raise ConfigError(
+            "data.train_subset", n,
+            f"0 (all) or 1 image per class .. {split} (the training split of '{name}' after the {heldout} held-out images)",
+        )
+    if n < num_classes:
+        raise ConfigError("data.train_subset", n, f"0 (all) or at least one image per class ({num_classes} classes) .. {split}")
+
+
+def stratified_counts(class_counts: np.ndarray, n: int) -> np.ndarray:
+    """Images per class for a subset of ``n``: each class's share of ``n`` in proportion to its
+    count, rounded by largest remainder (so they sum to ``n``), at least one for every class
+    present. A class whose share is under one image gets one, and the rest is shared again among
+    the others; one class at a time, so no class is asked for more images than it has."""
+    counts = np.asarray(class_counts, dtype=np.int64)
+    forced = np.zeros(len(counts), dtype=bool)
+    while True:  # integer arithmetic: share = budget * count / total = whole + rest / total
+        free = (counts > 0) & ~forced
+        budget, total = n - int(forced.sum()), int(counts[free].sum())
+        scaled = np.where(free, budget * counts, 0)
+        small = np.flatnonzero(free & (scaled < total))
+        if len(small) == 0:
+            break
+        forced[small[np.argmin(scaled[small])]] = True
+    whole, rest = scaled // total, scaled % total
+    out = whole + forced
+    order = np.argsort(-rest, kind="stable")  # largest remainder first; ties: the lower class
+    out[order[: n - int(out.sum())]] += 1
+    return out
+
+
+def train_subset(train_idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded, class-stratified subset of ``n`` of ``train_idx`` (``labels[i]`` = the class of
+    ``train_idx[i]``), as sorted int64 indices into the full training set."""
+    labels = np.asarray(labels, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng([seed, TRAIN_SUBSET_SEED])
+    picked = [
+        rng.permutation(train_idx[labels == c])[:k] for c, k in zip(classes, stratified_counts(counts, n))
+    ]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def _labels(dataset, indices: np.ndarray) -> np.ndarray:
+    """The classes of ``dataset[indices]``: its ``targets``, else its ``label(i)`` (synthetic)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets, dtype=np.int64)[indices]
+    return np.array([dataset.label(int(i)) for i in indices], dtype=np.int64)
+
+
+def _assemble(name, train_aug, train_eval, test, seed, heldout, info, classes, subset: int = 0) -> DataBundle:
     train_idx, held_idx = heldout_split(len(train_eval), heldout, seed, name)
+    if subset:
+        check_train_subset(subset, len(train_idx), len(held_idx), info.num_classes, name)
+        train_idx = train_subset(train_idx, _labels(train_eval, train_idx), subset, seed)
     return DataBundle(
         train=IndexedSubset(train_aug, train_idx.tolist()),
         heldout=IndexedSubset(train_eval, held_idx.tolist()),
@@ -280,7 +345,7 @@ def _build_digits(cfg: DataConfig, seed: int) -> DataBundle:
     train_eval = DigitsDataset(tr_x, tr_y, mean, std, augment=False, pad=pad)
     test = DigitsDataset(te_x, te_y, mean, std, augment=False, pad=pad)
     info = replace(STATIC_INFO["digits"], image_size=size)
-    return _assemble("digits", train_aug, train_eval, test, seed, cfg.heldout, info, [str(i) for i in range(10)])
+    return _assemble("digits", train_aug, train_eval, test, seed, cfg.heldout, info, [str(i) for i in range(10)], cfg.train_subset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,7 +455,7 @@ def _build_cifar(cfg: DataConfig, seed: int) -> DataBundle:
     train_eval = copy.copy(train_ds)  # shares the image array; only the transform differs
     train_ds.transform, train_eval.transform, test_ds.transform = tr_t, ev_t, ev_t
     info = replace(STATIC_INFO[name], image_size=size)
-    return _assemble(name, train_ds, train_eval, test_ds, seed, cfg.heldout, info, train_ds.classes)
+    return _assemble(name, train_ds, train_eval, test_ds, seed, cfg.heldout, info, train_ds.classes, cfg.train_subset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -819,7 +884,7 @@ def _build_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     train_eval = ImageFolderDataset(train_samples, index.classes, ev_t)
     test = ImageFolderDataset(test_samples, index.classes, ev_t)
     info = DatasetInfo("imagefolder", len(index.classes), size)
-    return _assemble("imagefolder", train_aug, train_eval, test, seed, cfg.heldout, info, index.classes)
+    return _assemble("imagefolder", train_aug, train_eval, test, seed, cfg.heldout, info, index.classes, cfg.train_subset)
 
 
 def zip_extraction(cfg: DataConfig) -> tuple[Path, int] | None:
@@ -851,7 +916,8 @@ def check(cfg: DataConfig, seed: int = 0) -> DatasetInfo:
     else:
         info = dataset_info(cfg)
         n_train = {"digits": DIGITS_TRAIN, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN, "synthetic": cfg.synthetic_train}[cfg.name]
-    heldout_split(n_train, cfg.heldout, seed, cfg.name)  # raises a ConfigError naming data.heldout
+    train_idx, held_idx = heldout_split(n_train, cfg.heldout, seed, cfg.name)  # raises a ConfigError naming data.heldout
+    check_train_subset(cfg.train_subset, len(train_idx), len(held_idx), info.num_classes, cfg.name)
     return info
 
 
@@ -900,7 +966,7 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     test = SyntheticDataset(cfg.synthetic_test, k, size, split=1)
     info = DatasetInfo("synthetic", k, size)
     # No augmentation: train and held-out share one (stateless) dataset.
-    return _assemble("synthetic", train, train, test, seed, cfg.heldout, info, [f"class_{i}" for i in range(k)])
+    return _assemble("synthetic", train, train, test, seed, cfg.heldout, info, [f"class_{i}" for i in range(k)], cfg.train_subset)
 
 
 # --------------------------------------------------------------------------------------------------
