@@ -52,20 +52,22 @@ def main(
     default_experiment: str,
     plugins: typing.Sequence[str] = ("methods",),
     plan: Callable[[config_mod.Config], list[config_mod.Config]] | None = None,
+    defaults: dict | None = None,
 ) -> int:
     """Resolve the config and check it, the data, storage, tracking store and cluster for every
     config the pipeline will train (``plan(cfg)``, default ``[cfg]``) before anything is written: bad
     input is one line, exit code 2 and no MLflow run. Then open the run and call
     ``body(cfg, handle, name)`` inside a guard: a later failure marks the run FAILED (exit 1, or 2
     when a worker found bad input), Ctrl-C marks it KILLED (exit 130), and so does SIGTERM (exit
-    143), failed trials exit 1."""
+    143), failed trials exit 1. ``defaults``: dotted keys under the command line's (a
+    reproduction's scale), which any key given on the command line overrides."""
     for module in plugins:
         __import__(module)
     if any(a in ("-h", "--help") for a in argv):
         print(usage(doc))
         return 0
     try:
-        cfg = config_mod.resolve(config_mod.parse_overrides(argv))
+        cfg = config_mod.resolve({**(defaults or {}), **config_mod.normalize_keys(config_mod.parse_overrides(argv))})
         named = bool(cfg.run.name)
         name = cfg.run.name or run_name(cfg, default_experiment)
         experiment = default_experiment if cfg.run.experiment == config_mod.RunConfig.experiment else cfg.run.experiment
@@ -184,6 +186,8 @@ def report(out: dict, handle: tracking.RunHandle, uri: str, name: str, finished:
         comp = out.get("comparison")
         if comp is not None:
             print("\nComparison (test accuracy %, per exit and per budget):\n" + comparison.format_table(comp))
+    if out.get("epilogue"):  # a pipeline's own last word, e.g. a reproduction's claims and verdicts
+        print(out["epilogue"])
     print(f"\n[dynlab] run '{name}' {'finished' if finished else 'ended with failed trials'}. MLflow run {handle.run_id} in {uri}")
     if out.get("figure"):
         print(f"[dynlab] figure: {out['figure']}")

@@ -138,7 +138,20 @@ class SweepConfig:
     allow_large: bool = field(default=False, metadata={"hash": False, "help": "run a sweep of more than 200 trials (refused by default: a stray sweep.repeats or a pasted list of values would start them all)"})
 
 
+@dataclass
+class ReproConfig:
+    """The knobs of the paper-reproduction pipelines (``pipelines.reproduce_*``); other pipelines ignore them."""
+
+    scale: str = choice("smoke", "smoke", "laptop", "paper", help="smoke: the whole DAG on synthetic data in about a minute; laptop: CIFAR-10 on a 2-core CPU in under an hour, the paper's directions; paper: the paper's settings, for a GPU cluster")
+    only: list[str] = field(default_factory=list, metadata={"help": "run only these experiments of the paper (names as --plan lists them); empty = all of the scale's"})
+    cifar100_root: str = field(default="/data/cifar100", metadata={"hash": False, "help": "scale=paper: the folder holding cifar-100-python"})
+    imagenet_root: str = field(default="/data/imagenet", metadata={"hash": False, "help": "scale=paper: ImageNet as an image folder (train/<class>/..., val/<class>/...)"})
+    throughput: float = bounded(0.0, 0.0, hash=False, help="--plan: training multiply-adds per second per GPU (python -m benchmarks.throughput prints it); 0 = no GPU-hours")
+    gpus: int = bounded(8, 1, hash=False, help="--plan: the GPUs of the cluster the plan is for (how many trials run at once)")
+
+
 SHORTCUTS = {
+    "scale": "repro.scale",
     "dataset": "data.name",
     "epochs": "run.epochs",
     "seed": "run.seed",
@@ -148,9 +161,9 @@ SHORTCUTS = {
     "name": "run.name",
 }
 
-FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "sweep": SweepConfig}
+FIXED_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "sweep": SweepConfig, "repro": ReproConfig}
 # Sections that do not change what training produces (excluded from Config.train_hash()).
-NOT_TRAINING = ("eval", "sweep")
+NOT_TRAINING = ("eval", "sweep", "repro")
 
 
 @dataclass
@@ -163,6 +176,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    repro: ReproConfig = field(default_factory=ReproConfig)
     method_cfg: Any = None  # the registered method's dataclass, section name = self.method
     backbone_cfg: Any = None  # the registered backbone's dataclass, section name = self.backbone
 
@@ -280,6 +294,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, value = arg.split("=", 1)
         out[key.strip()] = _parse_value(value.strip())
     return out
+
+
+def normalize_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Shortcuts spelled out (``epochs`` -> ``run.epochs``), so that two sources of keys merge by key."""
+    return {SHORTCUTS.get(k, k): v for k, v in values.items()}
 
 
 def _as_dict(overrides) -> dict[str, Any]:

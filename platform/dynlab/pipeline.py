@@ -201,8 +201,9 @@ def report_step(ctx: dag.StepContext, **inputs: dict) -> dict:
 # ------------------------------------------------------------------ building and running the DAG
 
 
-def build(base: config_mod.Config, stages: list[Stage] | list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str]) -> list[dag.Step]:
-    """The steps of a pipeline; a plain list of trials is one stage named ``sweep``."""
+def build(base: config_mod.Config, stages: list[Stage] | list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str], after_report: list[dag.Step] = ()) -> list[dag.Step]:
+    """The steps of a pipeline; a plain list of trials is one stage named ``sweep``. ``after_report``:
+    steps a pipeline adds after the shared ones (a reproduction's paper-vs-ours report reads ``report``)."""
     stages = as_stages(stages)
     gpu = 1 if base.run.use_gpu else 0
     common = {"plugins": plugins}
@@ -246,7 +247,7 @@ def build(base: config_mod.Config, stages: list[Stage] | list[sweeps.Trial], par
             cache=False,  # logs into this invocation's parent run
         )
     )
-    return out
+    return out + list(after_report)
 
 
 def as_stages(stages: list[Stage] | list[sweeps.Trial]) -> list[Stage]:
@@ -279,15 +280,16 @@ def main(doc: str, experiment: str, trials: Callable[[config_mod.Config], list[s
     return cli.main(doc, sys.argv[1:] if argv is None else argv, body, default_experiment=experiment, plan=plan)
 
 
-def run(base: config_mod.Config, trials: list[Stage] | list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str] | None = None) -> dict:
-    """Run the sweep pipeline (one stage, or the declared :class:`Stage` s); returns the comparison
-    table, the figure, the DAG result and the ids of the trials trained by this invocation."""
+def run(base: config_mod.Config, trials: list[Stage] | list[sweeps.Trial], parent: tracking.RunHandle, experiment: str, title: str, plugins: list[str] | None = None, after_report: list[dag.Step] = ()) -> dict:
+    """Run the sweep pipeline (one stage, or the declared :class:`Stage` s, then ``after_report``);
+    returns the comparison table, the figure, the DAG result and the ids of the trials trained by
+    this invocation."""
     plugins = plugins or ["methods"]
     stages = as_stages(trials)
     every = [t for s in stages for t in s.trials]
     parent.set_tags({"dynlab.pipeline": experiment, "dynlab.trials": len(every)})
     parent.log_text("\n".join(f"{s.name}\t{t.id}\t{t.train_key}\t{json.dumps(t.overrides)}" for s in stages for t in s.trials), "trials.tsv")
-    result = dag.run(build(base, stages, parent, experiment, title, plugins), sweeps.cache_root(base) / "steps", tracker=parent)
+    result = dag.run(build(base, stages, parent, experiment, title, plugins, after_report), sweeps.cache_root(base) / "steps", tracker=parent)
     result.raise_for_failures()
     report = result["report"]
     return {
