@@ -475,6 +475,8 @@ def resolve(overrides: dict[str, Any] | list[str] | None = None, yaml_path: str 
         setattr(cfg, name, build_section(name, cls, sections[name]))
     if cfg.run.init_from and "://" not in cfg.run.init_from:  # Ray workers run in folders of their own
         cfg.run.init_from = str(Path(cfg.run.init_from).expanduser().absolute())
+    if cfg.data.root and "://" not in cfg.data.root:  # and so do Ray Tune trials: a relative root would name their folder
+        cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
     cfg.method_cfg = build_section(method, m_entry.config_cls, sections[method])
     _settle_backbone_options(cfg, sections[method])
     cfg.backbone_cfg = build_section(backbone, b_entry.config_cls, sections[backbone])

@@ -364,7 +364,7 @@ def report_step(ctx: dag.StepContext, report: dict) -> dict:
     summaries = {}
     for e in c["experiments"]:
         prefix = f"{e['name']}: "
-        mine = table[table["label"].astype(str).str.startswith(prefix)].copy()
+        mine = table[table["label"].astype(str).str.startswith(prefix) & (table["status"] == "ok")].copy()  # failed trials are listed by the CLI
         if mine.empty:
             continue
         mine["label"] = mine["label"].str[len(prefix):]
