@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dynlab import preflight
-from pipelines import ablation_temperature, train
+from pipelines import ablation_temperature, reproduce_boostnet, train
 
 TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2"]
 
@@ -224,6 +224,14 @@ RESOURCE_ROWS = [
     ("train", ["run.use_gpu=true", "workers={over_gpus}"], ["{gpu_key}", "and {gpus} GPU(s)"]),
     ("train", ["run.cpus_per_worker={over_node}"], ["'run.cpus_per_worker' = {over_node}.0", "at most {node_cpus} (the largest node's CPUs)"]),
     ("temperature", ["workers={all_cpus}"], ["'run.num_workers' = {all_cpus}", "with the trial's own 0.05"]),
+    # a paper-scale reproduction asks for GPUs (data.name=synthetic: the row needs no dataset)
+    ("reproduce", ["scale=paper", "data.name=synthetic", "data.heldout=-1", "workers={over_gpus}"], ["{gpu_key}", "and {gpus} GPU(s)"]),
+]
+ROWS += [
+    ("reproduce", ["scale=huge"], ["'repro.scale' = 'huge'", "one of smoke, laptop, paper"]),
+    ("reproduce", ["repro.only=[imagenet-msdnet]"], ["'repro.only' = ['imagenet-msdnet']", "experiments of scale smoke: cifar100-msdnet, cifar100-ranet"]),
+    ("reproduce", ["scale=laptop", "data.root={tmp}/nope.zip"], ["data.root = '{tmp}/nope.zip'", "does not exist"]),
+    ("reproduce", ["scale=paper", "data.name=synthetic", "data.heldout=-1", "repro.only=[cifar100-msdnet]", "data.train_subset=5"], ["'data.train_subset' = 5", "at least one image per class (10 classes)"]),
 ]
 ROWS += RESOURCE_ROWS
 
@@ -300,7 +308,7 @@ def assert_refused(root: Path, capsys, pipeline: str, args: list[str], fragments
     values = {**values, "tmp": str(root)}
     fill = lambda text: re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), text)  # noqa: E731
     args = [fill(a) for a in args]
-    main = train.main if pipeline == "train" else ablation_temperature.main
+    main = {"train": train.main, "temperature": ablation_temperature.main, "reproduce": reproduce_boostnet.main}[pipeline]
     assert main(args) == 2
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.strip()]
