@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 import methods  # noqa: F401  (fills the registries)
-from dynlab import accel, config, training
+from dynlab import accel, config, reproduce, training
 from dynlab.registry import get_method
 
 BARE_METHODS = ("joint", "boostnet")
@@ -296,6 +296,8 @@ def main(argv=None) -> list[tuple[str, Result | str]]:
             results.append((label, res))
             print(f"{label}: {res.images} images/epoch, {args.repeats} timed epochs each (warm-up {res.warmup_s['ours']:.1f}s / {res.warmup_s['bare']:.1f}s)")
             print(f"  ours {fmt_range(res.ours)} img/s   bare {fmt_range(res.bare)} img/s   (median [min..max] of the epochs)")
+            macs = 3 * reproduce.forward_macs(cfg) * statistics.median(res.ours)  # forward + backward ~ 3 forward passes
+            print(f"  training multiply-adds per second: {macs:.3g} (3 x forward MACs x img/s; a reproduction's --plan takes it as repro.throughput={macs:.3g})")
             verdict = "within noise (the per-pair ratios range over 1)" if res.within_noise else ("ours slower beyond noise" if res.median_ratio < 1 else "ours faster beyond noise")
             print(f"  ratio ours/bare: best epoch vs best epoch {res.ratio:.3f} (target >= 0.9: {'met' if res.ratio >= 0.9 else 'NOT met'}); "
                   f"per ABBA pair {fmt_range(res.ratios, 3)}: {verdict}; per CPU-second {res.cpu_ratio:.3f}")

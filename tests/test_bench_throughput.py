@@ -49,6 +49,16 @@ def test_throughput_benchmark_prints_both_rates_and_the_ratio(capsys):
     assert "ours" in out and "bare" in out and "ratio ours/bare" in out
     (label, res), = results
     assert len(res.ours) == len(res.bare) == len(res.ratios) == 2 and res.images == 64
+    # the rate a reproduction's --plan takes: forward + backward = 3 forward passes per image
+    import re
+    import statistics
+
+    from dynlab import data, registry
+
+    cfg = tiny()
+    fwd = registry.get_method(cfg.method).cls(cfg).build_model(data.dataset_info(cfg.data)).cost_table.macs[-1]
+    printed = float(re.search(r"repro.throughput=(\S+)\)", out).group(1))
+    assert printed == pytest.approx(3 * fwd * statistics.median(res.ours), rel=1e-2)
 
 
 def test_keys_a_cpu_cannot_time_are_skipped_with_a_reason(capsys):

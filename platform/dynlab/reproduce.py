@@ -453,10 +453,11 @@ def _sizes(cfg: config_mod.Config) -> tuple[int, int, int]:
     return train, held, test
 
 
-def _forward_macs(cfg: config_mod.Config, cache: dict) -> float:
+def forward_macs(cfg: config_mod.Config, cache: dict | None = None) -> float:
     """MACs of one forward pass through every exit (what a training step computes)."""
     from dynlab import data, registry
 
+    cache = {} if cache is None else cache
     key = cfg.hash(exclude=("run", "optim", "eval", "sweep", "repro", "method", cfg.method))  # the backbone's cost, whatever trains it
     if key not in cache:
         kind = _dataset_kind(cfg)
@@ -481,7 +482,7 @@ def plan_frame(base: config_mod.Config, trials: list[sweeps.Trial]) -> pd.DataFr
         differs = {k: mine.get(k, v) for k, v in config_mod.normalize_keys(t.overrides).items() if flat.get(k, object()) != mine.get(k, v) and k != "run.seed"}
         cpus, gpus = sweeps.trial_need(cfg)
         train, held, test = _sizes(cfg)
-        fwd = _forward_macs(cfg, cache)
+        fwd = forward_macs(cfg, cache)
         macs = 3 * fwd * train * cfg.run.epochs + fwd * held * cfg.run.epochs + fwd * (held + test)
         rows.append({"trial": t.id, "settings": " ".join(f"{k}={_short(v)}" for k, v in differs.items()), "cpus": cpus, "gpus": gpus, "forward GMACs": fwd / 1e9, "train images": train, "epochs": cfg.run.epochs, "training PMACs": macs / 1e15})
     return pd.DataFrame(rows)
