@@ -5,7 +5,7 @@ budgeted-batch comparison of Fig. 4 and the temperature ablation of Fig. 6a, eac
 ("we also apply gradient rescaling to the baseline models"). Then the paper's numbers beside ours
 and one verdict per claim (pipelines/published/boostnet.yaml holds the paper's numbers).
 
-    python -m pipelines.reproduce_boostnet scale=smoke     # the whole DAG on synthetic data, ~1-2 min on CPU
+    python -m pipelines.reproduce_boostnet scale=smoke     # the whole DAG on synthetic data, under a minute on 2 cores
     python -m pipelines.reproduce_boostnet scale=laptop    # CIFAR-10 copy, 3 seeds, 2-core CPU: see README
     python -m pipelines.reproduce_boostnet scale=paper --plan repro.throughput=4e12   # the plan, no training
 Paper scale, on a GPU cluster (a running Ray head; see README "Clusters"):

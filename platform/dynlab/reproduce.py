@@ -16,7 +16,7 @@ A reproduction pipeline declares, as data:
 
 :func:`main` is the command line: ``--plan`` prints the DAG, every trial's settings, resources and
 compute without starting Ray; otherwise the shared sweep pipeline (:mod:`dynlab.pipeline`) trains,
-calibrates and evaluates every trial, and :func:`report_step` joins the paper's numbers with ours:
+calibrates and evaluates every trial, and :func:`reproduce_step` joins the paper's numbers with ours:
 per-exit tables with the differences and their noise, figures, and one verdict per claim
 (holds / reversed / within noise), written as Markdown into the parent MLflow run and printed short.
 """
@@ -161,11 +161,11 @@ def claims_of(claims: list[Claim], experiments: list[Experiment]) -> list[Claim]
 def make_trials(cfg: config_mod.Config, scale: Scale, user: dict[str, Any]) -> list[sweeps.Trial]:
     """Every trial: the scale's keys < the experiment's < the command line's < the row's < the seed."""
     out = []
-    for e in experiments_of(cfg, scale):
+    experiments = experiments_of(cfg, scale)
+    sweeps.check_size(cfg, sum(len(e.rows) for e in experiments))  # a stray sweep.repeats=100000 is refused first
+    for e in experiments:
         for row in e.rows:
-            values = {**defaults_of(scale), **config_mod.normalize_keys(e.overrides)}
-            values.update({k: v for k, v in user.items() if k not in values or k not in config_mod.normalize_keys(row.overrides)})
-            values.update(config_mod.normalize_keys(row.overrides))
+            values = {**defaults_of(scale), **config_mod.normalize_keys(e.overrides), **user, **config_mod.normalize_keys(row.overrides)}
             method, backbone = str(values.get("method", config_mod.Config.method)), _backbone_of(values)
             values = {k: _fill(v, cfg) for k, v in values.items() if _applies(k, method, backbone)}
             for r in range(cfg.sweep.repeats):
@@ -353,7 +353,7 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
     return path
 
 
-def report_step(ctx: dag.StepContext, report: dict) -> dict:
+def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
     """The paper beside ours: per-experiment tables, the figure, the claims and their verdicts;
     ``reproduction.md`` (with the figure), ``claims.csv`` and ``experiments/*.csv`` logged to the
     parent run under ``reproduction/``."""
@@ -529,8 +529,7 @@ def plan_text(base: config_mod.Config, scale: Scale, trials: list[sweeps.Trial],
     else:
         lines.append(f"CPU trials: each holds {p['cpus'].max():g} CPU(s); as many run at once as the cluster's CPUs fit (sweep.max_concurrent={base.sweep.max_concurrent}, 0 = as many as fit).")
     if base.repro.throughput > 0:
-        hours = p["training PMACs"] * 1e15 / base.repro.throughput / 3600
-        gpu_hours = float((hours * p["gpus"].clip(lower=1) / p["gpus"].clip(lower=1)).sum())
+        gpu_hours = float((p["training PMACs"] * 1e15 / base.repro.throughput / 3600).sum())  # data-parallel GPUs share a trial's work
         lines.append(f"GPU-hours at {base.repro.throughput:.3g} training multiply-adds/s per GPU: {gpu_hours:.1f} in all; at least {gpu_hours / g:.1f} h of wall time on {g} GPU(s).")
     else:
         lines.append("GPU-hours: give repro.throughput=<training multiply-adds per second per GPU> (python -m benchmarks.throughput on that GPU prints it).")
@@ -570,7 +569,7 @@ def main(doc: str, experiment: str, scales: dict[str, Scale], claims: list[Claim
         exps = [{"name": e.name, "about": e.about, "rows": [r.label for r in e.rows], "pair": pair_of(mine, e.name)} for e in run_exps]
         step = dag.Step(
             "reproduce",
-            report_step,
+            reproduce_step,
             config={"parent": handle.as_payload(), "published": str(Path(published).resolve()), "experiments": exps, "claims": [dataclasses.asdict(c) for c in mine],
                     "scale": scale.name, "scale_about": scale.about, "overridden": {k: list(v) for k, v in over.items()}, "command": command, "title": f"{title} (scale={scale.name})"},
             inputs={"report": "report"},
