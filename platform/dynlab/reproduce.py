@@ -52,12 +52,19 @@ class Row:
 
 @dataclass
 class Experiment:
-    """One table or figure of the paper: ``name`` is also the key of the paper's table in the YAML."""
+    """One table or figure of the paper. ``paper``: the key of the paper's table in the YAML that it
+    reproduces (default: ``name``); a reduced-scale experiment names the paper's table it stands
+    for, and the report shows that table beside ours as another dataset and scale."""
 
     name: str
     about: str
     overrides: dict[str, Any]
     rows: list[Row]
+    paper: str = ""
+
+    @property
+    def table(self) -> str:
+        return self.paper or self.name
 
 
 @dataclass
@@ -227,11 +234,12 @@ def claim_verdict(claim: Claim, summary: pd.DataFrame) -> dict[str, Any]:
     return {"verdict": verdict, "ours": f"{spread} ({counts} of {len(per)})", "min_diff": float(d["diff"].min()), "max_diff": float(d["diff"].max())}
 
 
-def paper_claim(claim: Claim, published: dict) -> str:
-    """What the paper's own numbers say about a claim, where it printed them."""
-    table = published.get("tables", {}).get(claim.experiment)
+def paper_claim(claim: Claim, published: dict, table_of: dict[str, str] | None = None) -> str:
+    """What the paper's own numbers say about a claim, where it printed them (``table_of``: the
+    paper's table each experiment stands for)."""
+    table = published.get("tables", {}).get((table_of or {}).get(claim.experiment, claim.experiment))
     if claim.over != "exits" or not table or claim.better not in table["rows"] or claim.worse not in table["rows"]:
-        return "no values printed (a plot)" if claim.over == "budgets" or not table else "-"
+        return "no values printed (a plot)"  # Fig. 4 and Fig. 6 of BoostNet, for instance
     diff = np.array(table["rows"][claim.better]) - np.array(table["rows"][claim.worse])
     diff = diff[:1] if claim.at == "first" else diff[-1:] if claim.at == "last" else diff
     return f"{table['source'].split(' (')[0]}: {diff.min():+.2f} .. {diff.max():+.2f} ({int((diff >= 0).sum())} of {len(diff)} >= 0)"
@@ -292,12 +300,12 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def claims_table(claims: list[Claim], summaries: dict[str, pd.DataFrame], published: dict) -> pd.DataFrame:
+def claims_table(claims: list[Claim], summaries: dict[str, pd.DataFrame], published: dict, table_of: dict[str, str] | None = None) -> pd.DataFrame:
     rows = []
     for c in claims:
         s = summaries.get(c.experiment)
         v = claim_verdict(c, s) if s is not None else {"verdict": "not run", "ours": "experiment not in this scale"}
-        rows.append({"claim": c.name, "experiment": c.experiment, "paper": paper_claim(c, published), "ours (diff ± noise per point)": v["ours"], "verdict": v["verdict"], "source": c.source})
+        rows.append({"claim": c.name, "experiment": c.experiment, "paper": paper_claim(c, published, table_of), "ours (diff ± noise per point)": v["ours"], "verdict": v["verdict"], "source": c.source})
     return pd.DataFrame(rows)
 
 
@@ -313,19 +321,20 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
         s = summaries.get(e["name"])
         if s is None:
             continue
-        paper = published.get("tables", {}).get(e["name"])
+        paper = published.get("tables", {}).get(e["paper"])
         cols = _point_columns(s, "exits")
         mm = [float(s[f"mmacs_{c[4:]}"].iloc[0]) for c in cols]
         same = paper is not None and costs_match(mm, paper["cost"])
         panels.append((e, s, paper, same))
         if paper is not None and not same:
-            panels.append(({"name": e["name"], "paper_only": True}, None, paper, False))
+            panels.append(({"name": e["paper"], "paper_only": True}, None, paper, False))
     fig = Figure(figsize=(5.2 * max(1, len(panels)), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    colours: dict[str, str] = {}
     for ax, (e, s, paper, same) in zip(axes, panels):
-        colours = {}
-        if s is not None:
+        if s is not None:  # a paper-only panel keeps the colours of the experiment panel before it
+            colours = {}
             for i, (_, r) in enumerate(s.iterrows()):
                 colour = f"C{i}"
                 colours[r["label"]] = colour
@@ -371,7 +380,7 @@ def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
         mine = mine.dropna(axis=1, how="all")
         summaries[e["name"]] = comparison.summarize(mine)
     claims = [Claim(**x) for x in c["claims"]]
-    verdicts = claims_table(claims, summaries, published)
+    verdicts = claims_table(claims, summaries, published, {e["name"]: e["paper"] for e in c["experiments"]})
     verdicts.to_csv(ctx.out_dir / "claims.csv", index=False)
     md = [f"# Reproduction: {published['paper']} (scale={c['scale']})", "", f"Command: `{c['command']}`", "", c["scale_about"], ""]
     if c["overridden"]:
@@ -380,7 +389,7 @@ def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
     (ctx.out_dir / "experiments").mkdir()
     for e in c["experiments"]:
         s = summaries.get(e["name"])
-        paper = published.get("tables", {}).get(e["name"])
+        paper = published.get("tables", {}).get(e["paper"])
         md += [f"## {e['name']}: {e['about']}", ""]
         if s is None:
             md += ["Not run at this scale." + (f" The paper's numbers ({paper['source']}):" if paper else ""), ""]
@@ -566,7 +575,7 @@ def main(doc: str, experiment: str, scales: dict[str, Scale], claims: list[Claim
         trials = make_trials(cfg, scale, user)
         run_exps = experiments_of(cfg, scale)
         mine = claims_of(claims, run_exps)
-        exps = [{"name": e.name, "about": e.about, "rows": [r.label for r in e.rows], "pair": pair_of(mine, e.name)} for e in run_exps]
+        exps = [{"name": e.name, "about": e.about, "paper": e.table, "rows": [r.label for r in e.rows], "pair": pair_of(mine, e.name)} for e in run_exps]
         step = dag.Step(
             "reproduce",
             reproduce_step,
