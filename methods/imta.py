@@ -9,10 +9,11 @@ One method, two phases (``imta.phase``):
   heads' pooled features, with Inline Subnetwork Collaboration (``isc``) and One-for-all
   distillation (``ofa``). The paper's phase II is ``phase=2 isc=true ofa=true``.
   ``freeze=phase1`` (default, as the reference) freezes every phase-I parameter and trains the new
-  classifiers and ISC modules; ``freeze=none`` fine-tunes everything. ``classifier_init=phase1`` is
-  the paper's "fine-tune only the last layer of each classifier": every new classifier starts as
-  the phase-I Linear of its exit (ISC columns at zero), so phase II starts at phase I's predictions;
-  ``fresh`` (default) initialises them anew as the reference does.
+  classifiers and ISC modules; ``freeze=none`` fine-tunes everything. ``classifier_init=phase1``
+  (default) is the paper's "fine-tune only the last layer of each classifier": every new classifier
+  starts as the phase-I Linear of its exit (ISC columns at zero), so phase II starts at phase I's
+  predictions and the OFA teacher (the last classifier) is the trained one from the first step;
+  ``fresh`` initialises them anew as the reference code does.
 
 Gradient Equilibrium makes each block's gradient the average of the exit losses that depend on it
 through the backbone; an ISC path that is not detached (and not frozen behind) adds dependencies GE
@@ -21,8 +22,10 @@ does not count, so with ``isc_detach=false freeze=none`` the average is no longe
 ISC: exit i's classifier reads ``cat(pooled_i, ReLU(BN1d(Linear(num_classes -> C_i)(logits_{i-1}))))``;
 ``isc_detach=true`` (paper) stops the gradient along that path, ``false`` follows the reference code.
 
-OFA: ``L_i = alpha*CE_i + (1-alpha)*T^2*KL(softmax(z_K/T) || softmax(z_i/T))`` for every exit but
-the last (which keeps plain CE), teacher ``z_K`` = the last exit, detached. ``kl_reduction``:
+OFA: ``L_i = alpha*CE_i + (1-alpha)*KL(softmax(z_K/T) || softmax(z_i/T))`` for every exit but the
+last (which keeps plain CE), teacher ``z_K`` = the last exit, detached: the paper's Eq. 7-8, with no
+T^2 factor. ``kd_t2=true`` multiplies the KL term by T^2 (Hinton et al.'s scaling, this code's
+default before it followed the paper: at T = 3 the distillation is 9 x stronger). ``kl_reduction``:
 ``batchmean`` (textbook) or ``mean`` (the reference's element-wise mean, also divided by the class
 count). Defaults alpha=0.9, T=1 are the reference's shipped script (its code defaults: 0.1 and 3).
 
@@ -64,7 +67,8 @@ class IMTAConfig:
     kl_reduction: str = choice("batchmean", "batchmean", "mean", help="OFA KL: batchmean (textbook) or mean (reference: element-wise, also / classes)")
     ofa_teacher: str = choice("last_exit", "last_exit", "phase1", help="OFA teacher: the last exit being trained, or (phase 2) the frozen phase-I last head, as the reference")
     freeze: str = choice("phase1", "phase1", "none", help="phase 2: phase1 = every phase-I parameter frozen (reference); none = fine-tune all")
-    classifier_init: str = choice("fresh", "fresh", "phase1", help="phase 2: fresh classifiers (reference), or start from the phase-I Linear (paper: fine-tune the last layer)")
+    classifier_init: str = choice("phase1", "phase1", "fresh", help="phase 2: start from the phase-I Linear (paper: fine-tune the last layer), or fresh classifiers (reference code)")
+    kd_t2: bool = field(default=False, metadata={"help": "OFA: scale the KL term by T^2 (Hinton et al.); the paper's Eq. 7 has no T^2"})
     exit_weights: list[float] = field(default_factory=list, metadata={"help": "loss weight per exit; empty = all 1"})
     phase2_epochs: int = bounded(0, 0, help="IMTA pipelines: phase-II epochs; 0 = round(0.6 x run.epochs), the paper's 180 after 300 (by hand, run.epochs of the phase-2 run)")
 
@@ -80,10 +84,10 @@ class IMTAConfig:
 # ---- losses -----------------------------------------------------------------------------------
 
 
-def ofa_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.Tensor, alpha: float, T: float, reduction: str = "batchmean", teacher_logits: torch.Tensor | None = None):
-    """sum_i w_i L_i with L_i = alpha*CE_i + (1-alpha)*T^2*KL(p_K || p_i) for i < K and L_K = CE_K;
-    the teacher p_K = softmax(z_K/T) (z_K: the last exit, or ``teacher_logits``) is detached, so the
-    KD terms send it no gradient."""
+def ofa_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.Tensor, alpha: float, T: float, reduction: str = "batchmean", teacher_logits: torch.Tensor | None = None, t2: bool = False):
+    """sum_i w_i L_i with L_i = alpha*CE_i + (1-alpha)*s*KL(p_K || p_i) for i < K and L_K = CE_K, where
+    s = 1 (the paper's Eq. 7) or T^2 (``t2``); the teacher p_K = softmax(z_K/T) (z_K: the last exit,
+    or ``teacher_logits``) is detached, so the KD terms send it no gradient."""
     z_teacher = outputs[-1] if teacher_logits is None else teacher_logits
     teacher = F.softmax(z_teacher.detach().float() / T, dim=1)
     losses, metrics = [], {}
@@ -96,7 +100,7 @@ def ofa_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.
         if reduction == "mean":  # the reference's element-wise mean: also divided by the class count
             kl = kl / o.shape[1]
         metrics[f"kd_exit{i}"] = kl.detach()
-        losses.append(alpha * ce + (1 - alpha) * T * T * kl)
+        losses.append(alpha * ce + (1 - alpha) * (T * T if t2 else 1.0) * kl)
     stacked = torch.stack(losses)
     loss = (weights.to(stacked.device) * stacked).sum()
     metrics["loss"] = loss.detach()
@@ -242,7 +246,7 @@ class IMTA(ExitMethod):
         if self._weights is None:  # a method object that did not build this model
             self._set_exits(len(outputs))
         if m.ofa:
-            loss, metrics = ofa_loss(outputs, targets, self._weights, m.alpha, m.temperature, m.kl_reduction, teacher)
+            loss, metrics = ofa_loss(outputs, targets, self._weights, m.alpha, m.temperature, m.kl_reduction, teacher, m.kd_t2)
         else:
             loss, metrics = exit_loss(outputs, targets, self._weights)
         backward(loss)

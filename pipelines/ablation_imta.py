@@ -1,12 +1,16 @@
-"""IMTA ablation (IMTA paper, Table 2): five rows on one backbone, each trained by Ray Train inside a
+"""IMTA ablation (IMTA paper, Table 2): six rows on one backbone, each trained by Ray Train inside a
 Ray Tune trial, then calibrated, evaluated (anytime and budgeted batch) and compared in one figure
-and table, like the temperature ablation.
+and table, like the temperature ablation; then each technique's effect against the rows it is to be
+compared with (``report/effects.csv``, printed at the end).
 
     none        phase I without gradient equilibrium (plain MSDNet / RANet joint training)
-    GE          phase I with gradient equilibrium
-    ISC         phase II with ISC only, on the "none" phase I
-    OFA         phase II with OFA only, on the "none" phase I
-    all         phase II with ISC and OFA, on the "GE" phase I (the full method; label GE+ISC+OFA)
+    GE          phase I with gradient equilibrium                          (for: GE vs none)
+    ISC         phase II with ISC only, on the "none" phase I              (for: ISC vs none, vs control)
+    OFA         phase II with OFA only, on the "none" phase I              (for: OFA vs none, vs control)
+    all         phase II with ISC and OFA, on the "GE" phase I             (the full method: vs none, vs control)
+    control     phase II with neither (the same new classifiers, epochs and schedule, plain CE), on
+                the "none" phase I: the paper compares its ISC and OFA rows with "none", which had no
+                phase II, so a gain there may be the extra training; against the control it is not
 
 Phase I is shared as the paper does: the phase-II rows start from the phase-I rows' published
 weights (``run.init_from`` = ``<cache>/train/<phase-I train hash>``), so ISC and OFA reuse one
@@ -35,20 +39,39 @@ from __future__ import annotations
 import sys
 
 from dynlab import sweeps
+from dynlab.reproduce import Claim
 from pipelines import imta_common as common
 
 EXPERIMENT = "ablation_imta"
-ROWS = {  # id -> (label, the phase-I row it starts from or None, overrides)
-    "none": ("none", None, {"imta.gradient_equilibrium": False, "imta.gradient_rescale": False}),
-    "GE": ("GE", None, {}),
-    "ISC": ("ISC", "none", {"imta.isc": True, "imta.ofa": False}),
-    "OFA": ("OFA", "none", {"imta.isc": False, "imta.ofa": True}),
-    "all": ("GE+ISC+OFA", "GE", {"imta.isc": True, "imta.ofa": True}),
+ROWS = {  # id -> (label: the row and what it is compared with, the phase-I row it starts from or None, overrides)
+    "none": ("none (baseline)", None, {"imta.gradient_equilibrium": False, "imta.gradient_rescale": False}),
+    "GE": ("GE (vs none)", None, {}),
+    "ISC": ("ISC (vs none, control)", "none", {"imta.isc": True, "imta.ofa": False}),
+    "OFA": ("OFA (vs none, control)", "none", {"imta.isc": False, "imta.ofa": True}),
+    "all": ("GE+ISC+OFA (vs none, control)", "GE", {"imta.isc": True, "imta.ofa": True}),
+    "control": ("control: phase II, plain CE", "none", {"imta.isc": False, "imta.ofa": False}),
 }
 
 
+def _effect(row: str, against: str, why: str) -> Claim:
+    return Claim(f"{ROWS[row][0].split(' (')[0].split(':')[0]} >= {ROWS[against][0].split(' (')[0].split(':')[0]} at every exit", "", ROWS[row][0], ROWS[against][0], source=why)
+
+
+# each technique against the paper's comparison (none) and against the phase-II control
+EFFECTS = [
+    _effect("GE", "none", "Table 2, line 2 vs line 1"),
+    _effect("ISC", "none", "Table 2, line 3 vs line 1 (the paper's comparison: ISC had a phase II, none did not)"),
+    _effect("ISC", "control", "ISC alone: the same phase II without it"),
+    _effect("OFA", "none", "Table 2, line 4 vs line 1 (the paper's comparison)"),
+    _effect("OFA", "control", "OFA alone: the same phase II without it"),
+    _effect("all", "none", "Table 2, line 5 vs line 1"),
+    _effect("all", "control", "the full method against the phase-II control (which has no GE)"),
+    _effect("control", "none", "what the extra phase-II training alone gives"),
+]
+
+
 def trials(cfg) -> list[sweeps.Trial]:
-    """All five rows, one per seed; phase-II rows point at their phase-I row's cache entry."""
+    """All six rows, one per seed; phase-II rows point at their phase-I row's cache entry."""
     common.check_imta(cfg)
     cfg = common.shared_budgets(cfg)
     out = []
@@ -73,11 +96,11 @@ def title(cfg) -> str:
 
 
 def run(cfg, handle, experiment: str = EXPERIMENT) -> dict:
-    return common.run(cfg, handle, experiment, trials(cfg), title(cfg))
+    return common.run(cfg, handle, experiment, trials(cfg), title(cfg), effects=EFFECTS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(__doc__, EXPERIMENT, trials, title, argv)
+    return common.main(__doc__, EXPERIMENT, trials, title, argv, effects=EFFECTS)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dynlab import pipeline, sweeps
 from dynlab.errors import ConfigError
 
 PHASE2_EPOCHS = 0.6  # fraction of run.epochs (IMTA: 180 phase-II epochs after 300 of phase I)
-OFA_KNOBS, ISC_KNOBS = ("alpha", "temperature", "kl_reduction", "ofa_teacher"), ("isc_detach",)
+OFA_KNOBS, ISC_KNOBS = ("alpha", "temperature", "kl_reduction", "ofa_teacher", "kd_t2"), ("isc_detach",)
 PHASE2_KNOBS = (*OFA_KNOBS, *ISC_KNOBS, "freeze", "classifier_init", "phase2_epochs")
 GE_KEYS = ("imta.gradient_equilibrium", "imta.gradient_rescale")
 
@@ -93,8 +93,21 @@ def stages(trials: list[sweeps.Trial], compare_phase1: bool = True) -> list[pipe
     ]
 
 
-def run(cfg, handle, experiment: str, trials: list[sweeps.Trial], title: str, compare_phase1: bool = True) -> dict:
-    return pipeline.run(cfg, stages(trials, compare_phase1), handle, experiment, title)
+def run(cfg, handle, experiment: str, trials: list[sweeps.Trial], title: str, compare_phase1: bool = True, effects: list | None = None) -> dict:
+    """The two stages, then (``effects``: :class:`dynlab.reproduce.Claim` s) each row's effect
+    against the rows it is to be compared with, printed at the end and in ``report/effects.csv``."""
+    import dataclasses
+
+    from dynlab import dag, reproduce
+
+    after = []
+    if effects:
+        step_cfg = {"parent": handle.as_payload(), "claims": [dataclasses.asdict(c) for c in effects]}
+        after = [dag.Step("effects", reproduce.effects_step, config=step_cfg, inputs={"report": "report"}, where="driver", cache=False)]
+    out = pipeline.run(cfg, stages(trials, compare_phase1), handle, experiment, title, after_report=after)
+    if effects:
+        out["epilogue"] = out["dag"]["effects"]["text"]
+    return out
 
 
 def plan(cfg, rows: list[sweeps.Trial]) -> list:
@@ -104,14 +117,15 @@ def plan(cfg, rows: list[sweeps.Trial]) -> list:
     return [t.cfg() for t in rows if is_phase1(t) or Path(t.config["run"]["init_from"]).name in done]
 
 
-def main(doc: str, experiment: str, trials: Callable, title: Callable, argv: list[str] | None, compare_phase1: Callable = lambda cfg: True) -> int:
-    """The command line (``method=imta`` implied). Every trial's config is resolved before anything
-    starts (bad input: one line, exit 2); see :func:`plan` for the rest of the checks."""
+def main(doc: str, experiment: str, trials: Callable, title: Callable, argv: list[str] | None, compare_phase1: Callable = lambda cfg: True, effects: list | None = None) -> int:
+    """The command line (``method=imta`` and the paper's Nesterov momentum implied; both can be
+    overridden). Every trial's config is resolved before anything starts (bad input: one line,
+    exit 2); see :func:`plan` for the rest of the checks."""
     from dynlab import cli
 
-    args = ["method=imta", *(sys.argv[1:] if argv is None else argv)]
+    args = ["method=imta", "optim.nesterov=true", *(sys.argv[1:] if argv is None else argv)]
 
     def body(cfg, handle, name):
-        return run(cfg, handle, experiment, trials(cfg), title(cfg), compare_phase1(cfg))
+        return run(cfg, handle, experiment, trials(cfg), title(cfg), compare_phase1(cfg), effects)
 
     return cli.main(doc, args, body, default_experiment=experiment, plan=lambda cfg: plan(cfg, trials(cfg)))

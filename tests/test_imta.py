@@ -49,7 +49,8 @@ def phase2(folder, *args):
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_isc_detach_stops_the_gradient_into_the_earlier_exit(phase1, detach):
-    _, _, model = phase2(phase1[0], "imta.isc=true", f"imta.isc_detach={detach}", "imta.freeze=none")
+    # fresh classifiers: with the default (phase I's, ISC columns at zero) the ISC module is silent on step one
+    _, _, model = phase2(phase1[0], "imta.isc=true", f"imta.isc_detach={detach}", "imta.freeze=none", "imta.classifier_init=fresh")
     model.train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     torch.nn.functional.cross_entropy(model(x)[1], y).backward()  # exit 1's loss only
@@ -78,8 +79,10 @@ def test_exit_costs_include_isc(phase1):
 # ---- OFA ----------------------------------------------------------------------------------------
 
 
-def _direct_ofa(z, y, alpha, T, per_class: bool):
-    """The formula written out: softmaxes by exp/sum, KL summed over classes, CE as -log p[y]."""
+def _direct_ofa(z, y, alpha, T, per_class: bool, t2: bool = False):
+    """The paper's Eq. 7-8 written out: L_i = alpha CE_i + (1 - alpha) KLD_i for every exit but the
+    last (plain CE), KLD_i = sum_c q_K,c log(q_K,c / q_i,c) with q = softmax(z / T), the teacher z_K
+    detached, averaged over the batch. No T^2 factor (``t2``: Hinton et al.'s scaling instead)."""
     t = torch.exp(z[-1].detach() / T)
     t = t / t.sum(1, keepdim=True)
     total = 0.0
@@ -93,18 +96,34 @@ def _direct_ofa(z, y, alpha, T, per_class: bool):
         kl = (t * (torch.log(t) - torch.log(q))).sum(1).mean()
         if per_class:
             kl = kl / zi.shape[1]  # element-wise mean over batch and classes
-        total = total + alpha * ce + (1 - alpha) * T * T * kl
+        total = total + alpha * ce + (1 - alpha) * (T * T if t2 else 1.0) * kl
     return total
 
 
-@pytest.mark.parametrize("alpha, T, reduction", [(0.9, 1.0, "batchmean"), (0.1, 3.0, "batchmean"), (0.3, 2.0, "mean")])
-def test_ofa_loss_equals_direct_computation(alpha, T, reduction):
+@pytest.mark.parametrize("alpha, T, reduction, t2", [(0.9, 1.0, "batchmean", False), (0.1, 3.0, "batchmean", False), (0.3, 2.0, "mean", False), (0.1, 3.0, "batchmean", True)])
+def test_ofa_loss_equals_the_papers_equation(alpha, T, reduction, t2):
     torch.manual_seed(0)
     z = [torch.randn(5, 7, dtype=torch.float64) * 2 for _ in range(3)]
     y = torch.tensor([0, 3, 6, 2, 2])
-    loss, metrics = ofa_loss([t.float() for t in z], y, torch.ones(3), alpha, T, reduction)
-    assert loss.item() == pytest.approx(_direct_ofa(z, y, alpha, T, reduction == "mean").item(), rel=1e-5)
+    loss, metrics = ofa_loss([t.float() for t in z], y, torch.ones(3), alpha, T, reduction, t2=t2)
+    assert loss.item() == pytest.approx(_direct_ofa(z, y, alpha, T, reduction == "mean", t2).item(), rel=1e-5)
     assert set(metrics) >= {"loss", "kd_exit0", "kd_exit1", "loss_exit2", "acc_exit2"}
+
+
+def test_the_default_ofa_term_has_no_t_squared_factor(phase1):
+    """The method's default is the paper's form: at T = 3 a T^2 factor would make the KL term 9 x
+    stronger, and the loss would equal the Hinton form instead."""
+    folder, _ = phase1
+    cfg, method, model = phase2(folder, "imta.ofa=true", "imta.alpha=0.5", "imta.temperature=3")
+    assert cfg.method_cfg.kd_t2 is False
+    model.eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    metrics = method.train_step(model, (x, y), lambda loss: None)
+    with torch.no_grad():
+        z = [o.double() for o in model(x)]
+    paper, hinton = _direct_ofa(z, y, 0.5, 3.0, False), _direct_ofa(z, y, 0.5, 3.0, False, t2=True)
+    assert abs(paper.item() - hinton.item()) > 1e-3  # the two forms differ here
+    assert metrics["loss"].item() == pytest.approx(paper.item(), rel=1e-4)
 
 
 def test_ofa_teacher_gets_no_gradient_from_the_kd_terms():
@@ -133,7 +152,9 @@ def _one_sgd_step(cfg, method, model):
 @pytest.mark.parametrize("freeze", ["phase1", "none"])
 def test_phase2_changes_exactly_the_trainable_parameters(phase1, freeze):
     folder, p1 = phase1
-    cfg, method, model = phase2(folder, "imta.isc=true", "imta.ofa=true", f"imta.freeze={freeze}")
+    # fresh classifiers, so that every new part moves on the first step (the default, phase I's
+    # classifiers, is test_phase2_last_layer_of_each_classifier_trains_exactly_the_new_parts)
+    cfg, method, model = phase2(folder, "imta.isc=true", "imta.ofa=true", f"imta.freeze={freeze}", "imta.classifier_init=fresh")
     loaded = {k: v.clone() for k, v in model.state_dict().items()}
     for k, v in p1.state_dict().items():  # phase I's weights are in
         assert torch.equal(loaded[k], v)
@@ -195,14 +216,22 @@ def test_phase2_last_layer_of_each_classifier_trains_exactly_the_new_parts(phase
     assert all((after[k] - loaded[k]).abs().max() < 1e-6 for k in pre_bn_bias)
 
 
-def test_classifier_init_phase1_starts_at_phase_one_predictions(phase1):
+def test_by_default_phase2_starts_at_phase_one_predictions_so_the_ofa_teacher_is_trained(phase1):
+    """The paper's phase II fine-tunes the classifiers' last layer, and its OFA teacher is "the last
+    classifier", which already has "the best accuracy": by default (no imta.classifier_init given)
+    every exit of the phase-II network, the teacher among them, predicts what phase I's does from
+    the first step. The reference code's fresh classifiers (a switch) do not."""
     folder, p1 = phase1
-    _, _, model = phase2(folder, "imta.isc=true", "imta.classifier_init=phase1")
+    cfg, _, model = phase2(folder, "imta.isc=true", "imta.ofa=true")
+    assert (cfg.method_cfg.classifier_init, cfg.method_cfg.ofa_teacher) == ("phase1", "last_exit")
     p1.eval(), model.eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         for a, b in zip(p1(x), model(x)):
             assert torch.allclose(a, b, atol=1e-5)
+        _, _, fresh = phase2(folder, "imta.isc=true", "imta.ofa=true", "imta.classifier_init=fresh")
+        fresh.eval()
+        assert not torch.allclose(p1(x)[-1], fresh(x)[-1], atol=1e-3)
 
 
 def test_phase2_real_early_exit_matches_forward(phase1):

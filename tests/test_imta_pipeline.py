@@ -20,16 +20,23 @@ def base(*args: str):
 def test_rows_share_phase1_and_point_at_its_cache_entry():
     cfg = base("epochs=10")
     rows = {t.id: t for t in ablation_imta.trials(cfg)}
-    assert list(rows) == ["none", "GE", "ISC", "OFA", "all"]
+    assert list(rows) == ["none", "GE", "ISC", "OFA", "all", "control"]
     c = {k: t.cfg() for k, t in rows.items()}
-    assert [c[k].method_cfg.phase for k in rows] == [1, 1, 2, 2, 2]
+    assert [c[k].method_cfg.phase for k in rows] == [1, 1, 2, 2, 2, 2]
     assert (c["none"].method_cfg.gradient_equilibrium, c["GE"].method_cfg.gradient_equilibrium) == (False, True)
     cache = sweeps.cache_root(cfg) / "train"
-    assert c["ISC"].run.init_from == c["OFA"].run.init_from == str(cache / rows["none"].train_key)
+    assert c["ISC"].run.init_from == c["OFA"].run.init_from == c["control"].run.init_from == str(cache / rows["none"].train_key)
     assert c["all"].run.init_from == str(cache / rows["GE"].train_key)
-    assert [(c[k].method_cfg.isc, c[k].method_cfg.ofa) for k in ("ISC", "OFA", "all")] == [(True, False), (False, True), (True, True)]
+    assert [(c[k].method_cfg.isc, c[k].method_cfg.ofa) for k in ("ISC", "OFA", "all", "control")] == [(True, False), (False, True), (True, True), (False, False)]
+    # the control is the ISC and OFA rows' phase II without either: same epochs, schedule, classifiers
+    same = ("run.epochs", "run.init_from", "optim.milestones", "optim.lr", "imta.classifier_init", "imta.freeze")
+    assert all(c["control"].flat()[k] == c["ISC"].flat()[k] == c["OFA"].flat()[k] for k in same)
     assert c["ISC"].run.epochs == 6 and c["none"].run.epochs == 10  # phase II: 0.6 of the epochs
-    assert rows["all"].label == "GE+ISC+OFA" and len({t.train_key for t in rows.values()}) == 5
+    assert rows["all"].label.startswith("GE+ISC+OFA") and len({t.train_key for t in rows.values()}) == 6
+    assert rows["control"].label.startswith("control") and "(vs none, control)" in rows["ISC"].label  # what each row is for
+    labels = {t.label for t in rows.values()}
+    assert all(e.better in labels and e.worse in labels for e in ablation_imta.EFFECTS)
+    assert {(e.better.split(" ")[0], e.worse.split(" ")[0]) for e in ablation_imta.EFFECTS} >= {("ISC", "none"), ("ISC", "control:"), ("OFA", "none"), ("OFA", "control:")}
 
 
 def test_phase2_knobs_never_change_phase1():
@@ -39,7 +46,7 @@ def test_phase2_knobs_never_change_phase1():
     assert all(a[k] != b[k] for k in ("ISC", "OFA", "all"))  # isc_detach reaches ISC, alpha and T the OFA rows
     seeds = ablation_imta.trials(base("sweep.repeats=2"))
     assert [t.id for t in seeds][:5] == ["none-seed0", "GE-seed0", "ISC-seed0", "OFA-seed0", "all-seed0"]
-    assert Path(seeds[7].cfg().run.init_from).name == seeds[5].train_key  # seed 1's ISC on seed 1's phase I
+    assert seeds[8].id == "ISC-seed1" and Path(seeds[8].cfg().run.init_from).name == seeds[6].train_key  # seed 1's ISC on seed 1's phase I
     c = {t.id: t for t in ablation_imta.trials(base("imta.phase2_epochs=3"))}
     assert c["none"].train_key == a["none"] and c["GE"].train_key == a["GE"]  # phase II's own epochs: phase I unchanged
     assert c["ISC"].cfg().run.epochs == 3 and c["none"].cfg().run.epochs == base().run.epochs
@@ -58,7 +65,7 @@ def test_the_dag_chains_phase2_after_phase1():
     assert steps["sweep[phase2]"].inputs == {"upstream": "sweep[phase1]"} and steps["sweep[phase1]"].inputs == {}
     assert steps["predict[none]"].inputs["trained"] == ("sweep[phase1]", "none")
     assert steps["predict[all]"].inputs["trained"] == ("sweep[phase2]", "all")
-    assert set(steps["report"].inputs) == {"s0", "s1", *(f"e{i}" for i in range(5))}
+    assert set(steps["report"].inputs) == {"s0", "s1", *(f"e{i}" for i in range(6))}
     only2 = {s.name for s in pipeline.build(base(), imta_common.stages(rows, compare_phase1=False), parent, "x", "t", ["methods"])}
     assert "sweep[phase1]" in only2 and "predict[none]" not in only2 and "predict[ISC]" in only2
 

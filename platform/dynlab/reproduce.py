@@ -419,6 +419,25 @@ def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
     return {"markdown": str(ctx.out_dir / "reproduction.md"), "claims": str(ctx.out_dir / "claims.csv"), "figure": str(fig)}
 
 
+def effects_step(ctx: dag.StepContext, report: dict) -> dict:
+    """An ablation's effects without a paper beside them: each ``Claim`` of the config (a row against
+    the row it is to be compared with) over every label of the comparison, with its verdict;
+    ``report/effects.csv`` in the parent run, and the lines to print."""
+    c = ctx.config
+    table = pd.read_parquet(report["table"])
+    summary = comparison.summarize(table[table["status"] == "ok"]) if "status" in table else comparison.summarize(table)
+    rows = []
+    for claim in (Claim(**x) for x in c["claims"]):
+        v = claim_verdict(claim, summary)
+        rows.append({"effect": claim.name, "ours (diff ± noise per exit)": v["ours"], "verdict": v["verdict"], "why": claim.source})
+    out = pd.DataFrame(rows)
+    out.to_csv(ctx.out_dir / "effects.csv", index=False)
+    tracking.RunHandle(**c["parent"]).log_artifact(ctx.out_dir / "effects.csv", "report")
+    lines = ["", f"Effects (difference ± its standard error per exit; {comparison.NOISE_FACTOR:g} standard errors decide):"]
+    lines += [f"  [{r['verdict']:>12}] {r['effect']}: {r['ours (diff ± noise per exit)']}" for r in rows]
+    return {"effects": str(ctx.out_dir / "effects.csv"), "text": "\n".join(lines)}
+
+
 def short(claims_csv: str | Path, markdown: str | Path) -> str:
     """The claims as printed at the end of a run."""
     v = pd.read_csv(claims_csv)
