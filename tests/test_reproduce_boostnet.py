@@ -180,3 +180,4 @@ def test_smoke_scale_runs_the_whole_dag_and_reports_every_claim(in_tmp, ray_loca
     assert "`eval.num_budgets`: 3 -> 2" in md  # the override is listed
     assert "Table 2's backbone labels are swapped" in md and "weight decay 1e-4" in md
     assert "Claims of the paper" in out and "BoostNet >= baseline at every exit (cifar100-msdnet)" in out
+

@@ -346,6 +346,13 @@ register_preset(
     "MSDNet CIFAR-100 budgeted (MSDNet paper): 5 blocks, lin_grow, step 1, base 1",
     **{**_CIFAR, "n_blocks": 5, "block_type": "lin_grow", "step": 1, "base": 1},
 )
+register_preset(
+    "msdnet-cifar100-lingrow7",
+    "msdnet",
+    "cifar100",
+    "MSDNet CIFAR-100, IMTA Table 1: 7 blocks, lin_grow, step 1, base 1 (depth 28; its costs and parameters equal Table 1's)",
+    **{**_CIFAR, "n_blocks": 7, "block_type": "lin_grow", "step": 1, "base": 1},
+)
 for _s in (4, 5, 6, 7):
     register_preset(
         f"msdnet-imagenet-s{_s}",
