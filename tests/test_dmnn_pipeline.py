@@ -13,7 +13,7 @@ from pipelines import sweep_dmnn_flops as sweep
 
 
 def test_sweep_trials_cover_targets_lambdas_and_the_dense_baseline():
-    assert sweep.with_defaults([])[0] == ["method=dmnn", "preset=dmnn-resnet-small", "epochs=20", "data.augment=false"]
+    assert sweep.with_defaults([])[0] == ["method=dmnn", "preset=dmnn-resnet-small", "epochs=30", "data.augment=false"]
     assert "data.augment=false" not in sweep.with_defaults(["dataset=cifar10"])[0]  # digits only
     args, lambdas = sweep.with_defaults(["run.epochs=1", "lambdas=[0.5,2]"])
     assert args == ["method=dmnn", "preset=dmnn-resnet-small", "data.augment=false", "run.epochs=1"] and lambdas == [0.5, 2.0]
