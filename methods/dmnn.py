@@ -42,7 +42,7 @@ from methods.backbones import dmnn_mobilenet, dmnn_resnet  # noqa: F401  (regist
 class DMNNConfig:
     target_rate: float = bounded(0.5, 0.0, 1.0, help="t: target execution rate per block and target FLOPs rate (executed / dense)")
     resource_weight: float = bounded(4.0, 0.0, help="lambda: weight of the resource loss (4: on digits, 1 left the evaluation cost 0.09 above a 0.7 target)")
-    temperature: float = bounded(1.0, 1e-3, help="Gumbel-softmax temperature")
+    temperature: float = bounded(1.0, 1e-3, help="Gumbel-softmax temperature after the warm-up (annealed to temperature_final)")
     categories: str = field(default="auto", metadata={"help": "category supervision: auto (CIFAR-100 superclasses; built-in digits / CIFAR-10 groups), none, or a CSV/JSON class->category file"})
     category_weights: list[float] = field(default_factory=list, metadata={"help": "category-loss weight per stage; empty = 1e-4 * 10^stage (paper)"})
     gate_lr_scale: float = bounded(1.0, 0.0, help="learning rate of the controllers (gate layers) relative to optim.lr")
