@@ -2,7 +2,7 @@
 sub-block on every sample, multiplied by its gate), in the same process: wall time of a batch at
 several gate-open rates, next to the executed multiply-adds, both as ratios to the masked run.
 
-    python -m benchmarks.gated                                      # dmnn-resnet50 (CIFAR), CPU
+    python -m benchmarks.gated                                      # dmnn-resnet50-cifar32 (CIFAR, first stage at 32x32), CPU
     python -m benchmarks.gated --preset dmnn-resnet-small --batch 256
     python -m benchmarks.gated --preset dmnn-resnet50-imagenet --batch 32 --device cuda
 
@@ -75,7 +75,7 @@ def set_open_rate(model, x: torch.Tensor, rate: float | list[float]) -> None:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="dmnn-resnet50")
+    ap.add_argument("--preset", default="dmnn-resnet50-cifar32")  # the network of the README's table
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")

@@ -120,6 +120,7 @@ ROWS = [
     ("train", ["optim.lr=inf"], ["'optim.lr' = inf", "a finite number"]),
     ("temperature", ["sweep.values=[0.5,-inf]"], ["'sweep.values[1]' = -inf", "a finite number"]),
     ("train", ["optim.momentum=1.5"], ["'optim.momentum' = 1.5", "<= 1.0"]),
+    ("train", ["method=dmnn", "preset=dmnn-resnet-small", "dmnn.gate_warmup=1.5"], ["'dmnn.gate_warmup' = 1.5", "<= 1.0"]),
     ("train", ["run.use_gpu=maybe"], ["'run.use_gpu' = 'maybe'", "true or false"]),
     ("train", ["run.amp=fp8"], ["'run.amp' = 'fp8'", "one of none, bf16, fp16"]),
     ("train", ["method=nosuch"], ["'method' = 'nosuch'", "one of adn, boostnet"]),

@@ -86,6 +86,18 @@ def test_every_category_has_rows_even_without_test_samples():
         gating.rates_by_category(GATES, 2, torch.tensor([0, 1]))
 
 
+def test_category_spread_is_the_widest_difference_of_one_gate_across_categories():
+    # samples 0, 1 in category 0, samples 2, 3 in category 1 (labels = categories):
+    # b0.s0 1 | 1 -> 0; b0.s1 0.5 | 0.5 -> 0; b1.s0 0 | 0.5 -> 0.5; b1.s1 0.5 | 0.5 -> 0
+    df = gating.rates_by_category(GATES, 2, torch.tensor([0, 0, 1, 1]))
+    assert gating.category_spread(df) == 0.5
+    static = torch.tensor([[1, 0, 1, 0]] * 4, dtype=torch.float32)  # every sample the same path
+    assert gating.category_spread(gating.rates_by_category(static, 2, torch.tensor([0, 0, 1, 1]))) == 0.0
+    # a category without samples (NaN rates) is left out, not a spread of NaN
+    empty = gating.rates_by_category(GATES, 2, torch.tensor([0, 0, 1, 1]), class_categories=[0, 0, 2])  # labels 0, 1 -> category 0; category 1 empty
+    assert gating.category_spread(empty) == 0.0
+
+
 def test_gate_states_survive_the_predictions_table_and_are_logged_with_the_evaluation(in_tmp):
     from mlflow import MlflowClient
 

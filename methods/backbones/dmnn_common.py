@@ -20,27 +20,49 @@ from torch import nn
 from dynlab.costs import CostCounter, CostTable
 
 
-class Controller(nn.Module):
-    """Gate logits [B, N, 2] (index 1 = open) and the state h [B, hidden] passed to the next block."""
+class StateNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the controller's hidden units. A training batch of one sample has no batch
+    statistics: it is normalised with the running ones instead of failing."""
 
-    def __init__(self, c_in: int, hidden: int, n: int, has_prev: bool, open_init: float):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class Controller(nn.Module):
+    """Gate logits [B, N, 2] (index 1 = open) and the state h [B, hidden] passed to the next block.
+
+    The paper's controller (eqs. 5-8): ``e = ReLU(W_e GAP(x))``, ``h = e + ReLU(W_h h_prev)`` (the
+    first block: ``h = e``), logits ``W_g h + b_g``. ``norm="batch"`` (default; a deviation, as in
+    ConvNet-AIG) puts a BatchNorm after W_e and after W_h (their biases dropped): GAP features
+    barely change between images, and without it the logits of all images are nearly equal, so
+    the gates cannot route. ``init_std``: std of W_g (0.01 in the first version, which left the
+    across-image spread of the logit gap at 0.03-0.19 against a Gumbel noise of std 1.8).
+    The bias starts the gates open with probability ``open_init`` (under Gumbel noise, sigmoid of
+    the logit gap)."""
+
+    def __init__(self, c_in: int, hidden: int, n: int, has_prev: bool, open_init: float, norm: str = "batch", init_std: float = 0.1):
         super().__init__()
         self.n = n
+        batch = norm == "batch"
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.embed = nn.Linear(c_in, hidden)
+        self.embed = nn.Linear(c_in, hidden, bias=not batch)
+        self.embed_norm = StateNorm(hidden) if batch else nn.Identity()
         self.embed_relu = nn.ReLU()
-        self.prev = nn.Linear(hidden, hidden) if has_prev else None
+        self.prev = nn.Linear(hidden, hidden, bias=not batch) if has_prev else None
+        self.prev_norm = (StateNorm(hidden) if batch else nn.Identity()) if has_prev else None
         self.state_relu = nn.ReLU() if has_prev else None
         self.gate = nn.Linear(hidden, 2 * n)
-        # small weights, bias favouring "open": P(open) = sigmoid(bias_on - bias_off) with Gumbel noise
-        nn.init.normal_(self.gate.weight, 0.0, 0.01)
+        nn.init.normal_(self.gate.weight, 0.0, init_std)
         with torch.no_grad():
             self.gate.bias.view(n, 2)[:, 0] = 0.0
             self.gate.bias.view(n, 2)[:, 1] = math.log(open_init / (1 - open_init))
 
     def forward(self, x: torch.Tensor, h_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.embed_relu(self.embed(torch.flatten(self.pool(x), 1)))
-        h = e if self.prev is None else self.state_relu(e + self.prev(h_prev))
+        h = self.embed_relu(self.embed_norm(self.embed(torch.flatten(self.pool(x), 1))))
+        if self.prev is not None:
+            h = h + self.state_relu(self.prev_norm(self.prev(h_prev)))
         return self.gate(h).view(-1, self.n, 2), h
 
 
@@ -58,14 +80,27 @@ class _HardStraightThrough(torch.autograd.Function):
         return grad
 
 
-def sample_gates(logits: torch.Tensor, training: bool, tau: float) -> torch.Tensor:
-    """[B, N, 2] logits -> [B, N] gates, exactly 0 or 1. Training: Gumbel-softmax with a hard
-    forward and the soft sample's gradient (straight-through). Evaluation: no noise, argmax."""
+def sample_gates(logits: torch.Tensor, training: bool, tau: float, noise: float = 1.0) -> torch.Tensor:
+    """[B, N, 2] logits -> [B, N] gates, exactly 0 or 1. Training: Gumbel-softmax (Gumbel noise
+    times ``noise``, temperature ``tau``) with a hard forward and the soft sample's gradient
+    (straight-through); ``noise=0`` gives the evaluation decisions, with the gradient of
+    sigmoid(gap / tau). Evaluation: no noise, argmax."""
     if not training:
         return (logits[..., 1] > logits[..., 0]).to(logits.dtype)
-    u = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
-    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)[..., 1]
+    z = logits
+    if noise:
+        u = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
+        z = logits - noise * torch.log(-torch.log(u))
+    soft = F.softmax(z / tau, dim=-1)[..., 1]
     return _HardStraightThrough.apply(soft)
+
+
+def decisions(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """The gates evaluation takes (1 where the open logit wins), differentiable: forward exactly
+    those 0/1 values, backward the gradient of sigmoid((open - closed) / tau). At tau = 1 that is
+    P(open) under the Gumbel noise, so the resource loss on decisions pushes each image's gate by
+    how undecided it is."""
+    return sample_gates(logits, True, tau, noise=0.0)
 
 
 class GatedBlock(nn.Module):
@@ -112,6 +147,8 @@ class GatedNet(nn.Module):
         self.category_heads: nn.ModuleList | None = None  # training only (add_category_heads)
         self.force_gates: float | None = None  # 1.0 / 0.0: every gate open / closed
         self.tau = 1.0  # Gumbel-softmax temperature (set by the method)
+        self.noise_scale = 1.0  # Gumbel noise multiplier in training (the method anneals it)
+        self.train_open = False  # training with every gate open (the method's warm-up)
         self.last_counts: list[list[int]] = []  # samples run per sub-block by the last forward_skipping
 
     @property
@@ -128,30 +165,44 @@ class GatedNet(nn.Module):
             self.category_heads = nn.ModuleList(nn.Linear(self.hidden, num_categories) for _ in self.blocks)
 
     def _gates(self, block: GatedBlock, x, h):
-        """Gates [B, N] of one block and the controller state."""
+        """``(used, decided, h)``: the gates [B, N] this forward multiplies the sub-blocks by, the
+        noiseless decisions [B, N] evaluation would take (what the resource loss constrains) and
+        the controller state. Training: ``used`` are Gumbel samples (noise ``noise_scale``), or all
+        ones while ``train_open`` (the warm-up); evaluation: ``used`` = the decisions."""
         if block.controller is None or self.force_gates is not None:
             value = 1.0 if self.force_gates is None else self.force_gates
             if block.controller is not None:
                 h = block.controller(x, h)[1]  # still runs: its cost is part of every sample's
-            return torch.full((x.shape[0], self.n), value, dtype=x.dtype, device=x.device), h
+            g = torch.full((x.shape[0], self.n), value, dtype=x.dtype, device=x.device)
+            return g, g, h
         logits, h = block.controller(x, h)
-        return sample_gates(logits.float(), self.training, self.tau), h
+        logits = logits.float()
+        if not self.training:
+            g = sample_gates(logits, False, self.tau)
+            return g, g, h
+        decided = decisions(logits, self.tau)
+        if self.train_open:
+            return torch.ones_like(decided), decided, h
+        return sample_gates(logits, True, self.tau, self.noise_scale), decided, h
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Masked computation. Returns ``logits`` [B, C], ``gates`` [B, blocks * N] (block-major),
-        ``categories`` (per block [B, K] category logits, training with heads only)."""
+        """Masked computation. Returns ``logits`` [B, C], ``gates`` [B, blocks * N] (block-major; the
+        gates this forward used), ``decisions`` (the same shape: the noiseless gates evaluation
+        takes, differentiable, see :func:`decisions`) and ``categories`` (per block [B, K] category
+        logits, training with heads only)."""
         x = self.stem(x)
-        h, gates, cats = None, [], []
+        h, gates, decided, cats = None, [], [], []
         for layer in self.layers:
             if not isinstance(layer, GatedBlock):
                 x = layer(x)
                 continue
-            g, h = self._gates(layer, x, h)
+            g, d, h = self._gates(layer, x, h)
             if self.training and self.category_heads is not None and h is not None:
                 cats.append(self.category_heads[len(gates)](h))
             gates.append(g)
+            decided.append(d)
             x = layer.masked(x, g)
-        return {"logits": self.head(x), "gates": torch.cat(gates, 1), "categories": cats}
+        return {"logits": self.head(x), "gates": torch.cat(gates, 1), "decisions": torch.cat(decided, 1), "categories": cats}
 
     @torch.no_grad()
     def forward_skipping(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +214,7 @@ class GatedNet(nn.Module):
             if not isinstance(layer, GatedBlock):
                 x = layer(x)
                 continue
-            g, h = self._gates(layer, x, h)
+            g, _, h = self._gates(layer, x, h)
             gates.append(g)
             x, counts = layer.skipping(x, g)
             self.last_counts.append(counts)

@@ -17,7 +17,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["execution_rates", "rates_by_category", "rates_by_class", "cost_distribution", "format_rates", "plot_cost_distribution", "plot_rates", "write_report"]
+__all__ = ["execution_rates", "rates_by_category", "category_spread", "rates_by_class", "cost_distribution", "format_rates", "plot_cost_distribution", "plot_rates", "write_report"]
 
 
 def _gates(gates, subblocks: int) -> np.ndarray:
@@ -61,6 +61,17 @@ def rates_by_category(gates, subblocks: int, labels, class_categories: Sequence[
         name = names[int(c)] if names is not None else str(int(c))
         rows += [{"category": int(c), "name": name, "n": len(sel), "block": b, "sub": i, "rate": float(rate[b, i])} for b in range(blocks) for i in range(subblocks)]
     return pd.DataFrame(rows)
+
+
+def category_spread(by_category: pd.DataFrame) -> float:
+    """The widest difference of one sub-block's execution rate across categories (over every
+    sub-block; categories without samples left out), from a :func:`rates_by_category` table:
+    0 for a static network (every gate the same for every category), up to 1."""
+    present = by_category[by_category["n"] > 0]
+    if present.empty:
+        return 0.0
+    per_gate = present.groupby(["block", "sub"])["rate"].agg(lambda r: r.max() - r.min())
+    return float(per_gate.max())
 
 
 def rates_by_class(gates, subblocks: int, labels, names: Sequence[str] | None = None) -> pd.DataFrame:

@@ -407,8 +407,8 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
                 "train_key": t.train_key,
                 "run_id": (done or {}).get("run_id", ""),
                 "checkpoint_dir": (done or {}).get("checkpoint_dir", ""),
-                "note": stopped_note(done),
-                "heldout_acc_best": metrics.get("best_score", float("nan")),
+                "note": "; ".join(n for n in (stopped_note(done), training.cost_band_note(metrics)) if n),
+                "heldout_acc_best": metrics.get("best_acc", metrics.get("best_score", float("nan"))),  # best_score is not an accuracy when a cost band ranks the epochs
                 "best_epoch": metrics.get("best_epoch", float("nan")),
                 **{f"param:{k}": str(v) for k, v in t.overrides.items()},
             }

@@ -201,6 +201,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         heldout_metrics, score = score_heldout(loop, heldout_shard, epoch)
         update_best(loop, score, epoch)
         metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": time.time() - t0, **train_metrics, **heldout_metrics, "best_score": loop.best_score, "best_epoch": loop.best_epoch}
+        metrics.update(best_epoch_metrics([*loop.history, metrics], loop.best_epoch))
         loop.history.append(metrics)
         if loop.rank == 0:
             _print_epoch(loop, metrics, epoch)
@@ -213,6 +214,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if epoch + 1 < loop.cfg.run.epochs:
             hold_at_test_gate(epoch)
+    note = cost_band_note(loop.history[-1]) if loop.history else ""
+    if note and loop.rank == 0:
+        _progress(note)
     if loop.tracker and not loop.tracker.flush(FINAL_FLUSH_SECONDS):
         _progress("tracking server still unreachable: some epochs' metrics were not logged (the checkpoints hold them; a resumed run logs them)")
 
@@ -412,6 +416,9 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
         scaler.scale(loss).backward()
 
     sampler.set_epoch(epoch)
+    hook = getattr(loop.method, "on_epoch_start", None)  # e.g. DMNN's gate warm-up and annealing
+    if hook is not None:
+        hook(unwrap(loop.model), epoch, cfg.run.epochs)
     loop.model.train()
     sums: dict[str, torch.Tensor] = {}
     seen, last_note = 0, time.time()
@@ -490,10 +497,42 @@ def diverged(value: float, epoch: int, step: int, steps: int, cfg) -> TrainingDi
     )
 
 
+def selection_score(acc: float, cost_rate: float | None, band: tuple | None) -> float:
+    """Model selection's score of an epoch: its held-out accuracy when there is no cost band or
+    its held-out cost rate lies in ``band`` = (lo, hi, ...); else ``-d / (1 + d)`` with d the
+    distance to the band, in (-1, 0): below every epoch that meets the band, the closest first."""
+    if band is None or cost_rate is None:
+        return acc
+    lo, hi = band[0], band[1]
+    d = max(lo - cost_rate, cost_rate - hi, 0.0)
+    return acc if d == 0 else -d / (1 + d)
+
+
+def best_epoch_metrics(history: list[dict], best_epoch: int) -> dict[str, float]:
+    """The kept epoch's held-out accuracy, cost rate and whether it met the cost band, as
+    ``best_acc``, ``best_cost_rate``, ``best_meets_target`` (only the ones that epoch has)."""
+    best = next((m for m in history if m.get("epoch") == best_epoch), {})
+    keys = {"best_acc": "heldout/acc_mean", "best_cost_rate": "heldout/cost_rate", "best_meets_target": "heldout/meets_target", "cost_band_lo": "heldout/cost_band_lo", "cost_band_hi": "heldout/cost_band_hi"}
+    return {k: float(best[v]) for k, v in keys.items() if v in best}
+
+
+def cost_band_note(metrics: dict) -> str:
+    """The line for a run whose kept epoch does not meet its cost band ("" when it does or has none)."""
+    if metrics.get("best_meets_target", 1.0) != 0.0:
+        return ""
+    return (
+        f"no epoch's held-out cost was within [{metrics['cost_band_lo']:.2f}, {metrics['cost_band_hi']:.2f}] of the dense cost (the method's cost target): "
+        f"kept epoch {int(metrics['best_epoch']) + 1}, the closest (cost {metrics['best_cost_rate']:.2f})"
+    )
+
+
 def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], float]:
     """Held-out accuracy per output (each rank predicts its shard; counts are summed) and the
     selection score: mean held-out accuracy, or the epoch itself for ``run.select=last`` or
-    without a held-out split ("best" then means "latest"). The test set is never looked at."""
+    without a held-out split ("best" then means "latest"). A method with a cost target
+    (``method.cost_band()`` -> (lo, hi) of executed / dense cost, or None) has the epochs whose
+    held-out cost is outside it ranked below every one inside (:func:`selection_score`). The test
+    set is never looked at."""
     if not len(loop.bundle.heldout):
         return {}, float(epoch)
     correct, count, rate_sum = _heldout_counts(loop.method, unwrap(loop.model), shard, loop.cfg, loop.device, loop.amp_dtype)
@@ -505,7 +544,13 @@ def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], floa
     metrics["heldout/acc_mean"] = float(np.mean(acc))
     if rate_sum is not None:  # gated networks: the executed share of the dense cost at evaluation (no gate noise)
         metrics["heldout/cost_rate"] = float(rate_sum) / max(float(count[0]), 1.0)
-    return metrics, metrics["heldout/acc_mean"] if loop.cfg.run.select == "best" else float(epoch)
+    band = getattr(loop.method, "cost_band", lambda: None)()
+    if band is not None and "heldout/cost_rate" in metrics:
+        score = selection_score(metrics["heldout/acc_mean"], metrics["heldout/cost_rate"], band)
+        metrics.update({"heldout/meets_target": float(score >= 0), "heldout/cost_band_lo": float(band[0]), "heldout/cost_band_hi": float(band[1])})
+    else:
+        score = metrics["heldout/acc_mean"]
+    return metrics, score if loop.cfg.run.select == "best" else float(epoch)
 
 
 def update_best(loop: Loop, score: float, epoch: int) -> None:
