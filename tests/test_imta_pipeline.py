@@ -100,7 +100,7 @@ def test_bad_input_is_refused_before_anything_runs(in_tmp, capsys):
 
 @pytest.mark.slow
 def test_one_phase1_training_serves_two_phase2_trials(in_tmp, ray_local):
-    """The ablation's none -> ISC, OFA lineage through the real sweeps (3 of its 5 rows, for time)."""
+    """The ablation's none -> ISC, OFA lineage through the real sweeps (3 of its 6 rows, for time)."""
     from dynlab import tracking
     from pipelines import imta_common
 
@@ -112,7 +112,7 @@ def test_one_phase1_training_serves_two_phase2_trials(in_tmp, ray_local):
     assert list(out["comparison"]["status"]) == ["ok"] * 3
     assert out["trained"] == ["ISC", "OFA", "none"]  # three trainings: phase I once for both phase-II rows
     assert len(list((sweeps.cache_root(cfg) / "train").iterdir())) == 3
-    assert out["figure"] and list(out["summary"]["label"]) == ["none", "ISC", "OFA"]
+    assert out["figure"] and list(out["summary"]["label"]) == [ablation_imta.ROWS[k][0] for k in ("none", "ISC", "OFA")]
     assert out["dag"]["sweep[phase1]"]["none"]["checkpoint_dir"] == str(Path(rows[1].cfg().run.init_from))
     assert out["dag"].record("sweep[phase2]").status == "ran"
 
