@@ -255,7 +255,7 @@ def _sig4(x: float) -> float:
 
 def costs_match(ours_mmacs: list[float], paper: list[float]) -> bool:
     """Whether our exits cost what the paper prints (same count, equal at its 4 significant digits)."""
-    return len(ours_mmacs) == len(paper) and all(math.isclose(_sig4(o), p, rel_tol=1e-9) or abs(o - p) <= 0.5 * 10 ** (math.floor(math.log10(abs(p))) - 3) for o, p in zip(ours_mmacs, paper))
+    return len(ours_mmacs) == len(paper) and all(math.isclose(_sig4(o), p, rel_tol=1e-9) for o, p in zip(ours_mmacs, paper))
 
 
 def experiment_table(summary: pd.DataFrame, experiment: dict, paper: dict | None, pair: tuple[str, str] | None) -> tuple[pd.DataFrame, bool]:
@@ -401,7 +401,7 @@ def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
         md += [f"Ours: test accuracy % (mean ± std over {int(s['n_seeds'].max())} seed(s); ± binomial SE for one seed), on {int(s['n_test'].max())} test images.", "", _markdown(t), ""]
         if paper and not joined:
             md += [f"The paper ({paper['source']}; {paper['dataset']}, preset {paper['preset']}): another dataset and scale than ours, so compare directions and shapes, not numbers.", "", _markdown(paper_table(paper)), ""]
-        bud = [col for col in _point_columns(s, "budgets")]
+        bud = _point_columns(s, "budgets")
         if bud:
             b = pd.DataFrame({"budget MMACs": [col[4:].replace("MMACs", "") for col in bud]})
             for _, r in s.iterrows():
