@@ -611,3 +611,22 @@ def test_shared_cifar10_jpg_zip_counts_and_a_subset_of_its_images(tmp_path):
                     dst.writestr(info, src.read(info))
                     kept[key] += not info.is_dir()
     _check_cifar_bundle(D.build_datasets(DataConfig(name="imagefolder", root=str(subset)), seed=0), n_train=50, n_test=20)
+
+
+def test_an_image_folder_with_cifar10s_classes_gets_cifar10s_grouping_under_auto(tmp_path):
+    from PIL import Image
+
+    def folder(root: Path, classes: list[str]) -> DataConfig:
+        for split in ("train", "test"):
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / c / "0.png")
+        return DataConfig(name="imagefolder", root=str(root), heldout=0)
+
+    cifar = folder(tmp_path / "cifar", ["truck", "ship", "horse", "frog", "dog", "deer", "cat", "bird", "automobile", "airplane"])
+    # airplane/ship = air/sea vehicles, automobile/truck = road vehicles, cat/deer/dog/horse =
+    # four-legged mammals, bird/frog = other animals (classes in sorted order, as ImageFolder indexes them)
+    assert D.class_categories("auto", cifar, 10) == [0, 1, 3, 2, 2, 2, 3, 2, 0, 1]
+    assert D.category_names("auto", cifar, 4)[2] == "four-legged mammals"
+    other = folder(tmp_path / "other", ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])
+    assert D.class_categories("auto", other, 10) is None  # ten classes are not enough: the names must be CIFAR-10's

@@ -117,6 +117,20 @@ def test_the_controller_is_the_papers_form():
     assert first(x, None)[1].tolist() == [[3.5, 0.0]]
 
 
+def test_controller_prev_false_drops_the_previous_state_from_every_controller():
+    """Table 4's rows without PREV: every block's gates read only its own input, so changing the
+    state passed in leaves them unchanged; with PREV (default) every block but the first reads it."""
+    with_prev, without = tiny(), tiny(controller_prev=False)
+    ctrls = [m for m in with_prev.modules() if isinstance(m, Controller)]  # in block order
+    assert [c.prev is not None for c in ctrls] == [False] + [True] * (len(ctrls) - 1)
+    alone = [m for m in without.modules() if isinstance(m, Controller)]
+    assert len(alone) == len(ctrls) and all(c.prev is None for c in alone)
+    alone[-1].eval()
+    x = torch.randn(3, alone[-1].embed.in_features, 4, 4)
+    assert torch.equal(alone[-1](x, torch.zeros(3, 3))[0], alone[-1](x, torch.randn(3, 3))[0])
+    assert sum(p.numel() for p in without.parameters()) < sum(p.numel() for p in with_prev.parameters())
+
+
 class ConstantPool(nn.Module):
     """A controller's input replaced by a constant: ones [B, C, 1, 1] whatever the image."""
 

@@ -17,6 +17,7 @@ from dynlab.errors import ConfigError
 from pipelines import reproduce_boostnet as rb
 from tests.presets import preset_model
 from tests.test_preset_costs import PINNED
+from tests.reports import reproduction_folder
 
 PUBLISHED = yaml.safe_load(rb.PUBLISHED.read_text())
 
@@ -158,16 +159,9 @@ def test_plan_prints_the_dag_trials_and_compute_without_starting_ray(capsys):
 
 @pytest.mark.slow
 def test_smoke_scale_runs_the_whole_dag_and_reports_every_claim(in_tmp, ray_local, capsys):
-    from mlflow import MlflowClient
-
-    from dynlab import tracking
-
     assert rb.main(["scale=smoke", "eval.num_budgets=2"]) == 0
     out = capsys.readouterr().out
-    client = MlflowClient(tracking.tracking_uri())
-    exp = client.get_experiment_by_name(rb.EXPERIMENT)
-    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`dynlab.scale` = 'smoke'")
-    folder = client.download_artifacts(parent.info.run_id, "reproduction", str(in_tmp / "artifacts"))
+    folder = reproduction_folder(rb.EXPERIMENT, "smoke", in_tmp / "artifacts")
     claims = pd.read_csv(f"{folder}/claims.csv")
     assert len(claims) == 7 and set(claims["verdict"]) <= {"holds", "within noise", "reversed"}
     for name, exits in (("cifar100-msdnet", 10), ("cifar100-ranet", 8)):  # Table 1's columns, ours beside the paper's

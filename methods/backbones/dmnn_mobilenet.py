@@ -28,6 +28,7 @@ class DMNNMobileNetV2Config:
     gate_open_init: float = bounded(0.85, 0.01, 0.99, help="initial probability that a gate is open (gate bias)")
     controller_norm: str = choice("batch", "batch", "none", help="batch: BatchNorm on the controller's embedding and state paths (not in the paper; lets gates differ per image); none: the paper's FC + ReLU")
     gate_init_std: float = bounded(0.1, 0.0, help="std of the gate layer's initial weights (spread of the gate logits across images at the start)")
+    controller_prev: bool = field(default=True, metadata={"help": "the controller adds the previous block's state (the paper's PREV, Table 4); false: each block's gates read only its own input"})
     gated: bool = field(default=True, metadata={"help": "false: no controllers, every sub-block runs (the dense network)"})
     dropout: float = bounded(0.2, 0.0, 1.0, help="dropout before the classifier")
 
@@ -62,7 +63,7 @@ class DMNNMobileNetV2(GatedNet):
                 layers.append(block)
                 continue
             c, t = block.out_channels, block.conv[0][0].out_channels / block.out_channels
-            ctrl = Controller(c, cfg.hidden, cfg.subblocks, bool(strides), cfg.gate_open_init, cfg.controller_norm, cfg.gate_init_std) if cfg.gated else None
+            ctrl = Controller(c, cfg.hidden, cfg.subblocks, bool(strides) and cfg.controller_prev, cfg.gate_open_init, cfg.controller_norm, cfg.gate_init_std) if cfg.gated else None
             subs = [InvertedResidual(c, c, 1, expand_ratio=t / cfg.subblocks).conv for _ in range(cfg.subblocks)]
             layers.append(GatedBlock(subs, nn.Identity(), ctrl))
             strides.append(downsampled)

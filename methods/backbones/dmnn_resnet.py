@@ -48,6 +48,7 @@ class DMNNResNetConfig:
     gate_open_init: float = bounded(0.85, 0.01, 0.99, help="initial probability that a gate is open (gate bias)")
     controller_norm: str = choice("batch", "batch", "none", help="batch: BatchNorm on the controller's embedding and state paths (not in the paper; lets gates differ per image); none: the paper's FC + ReLU")
     gate_init_std: float = bounded(0.1, 0.0, help="std of the gate layer's initial weights (spread of the gate logits across images at the start)")
+    controller_prev: bool = field(default=True, metadata={"help": "the controller adds the previous block's state (the paper's PREV, Table 4); false: each block's gates read only its own input"})
     gated: bool = field(default=True, metadata={"help": "false: no controllers, every sub-block runs (the dense network)"})
 
     def validate(self, section: str) -> None:
@@ -116,7 +117,7 @@ class DMNNResNet(GatedNet):
             c_out = width * cfg.expansion
             for j in range(count):
                 stride = 2 if stage > 0 and j == 0 else 1
-                ctrl = Controller(c_in, cfg.hidden, cfg.subblocks, bool(blocks), cfg.gate_open_init, cfg.controller_norm, cfg.gate_init_std) if cfg.gated else None
+                ctrl = Controller(c_in, cfg.hidden, cfg.subblocks, bool(blocks) and cfg.controller_prev, cfg.gate_open_init, cfg.controller_norm, cfg.gate_init_std) if cfg.gated else None
                 blocks.append(bottleneck_block(c_in, width, c_out, stride, cfg.subblocks, ctrl))
                 stages.append(stage)
                 c_in = c_out

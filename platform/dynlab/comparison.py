@@ -49,6 +49,8 @@ def trial_columns(anytime: pd.DataFrame, budgeted: pd.DataFrame | None) -> dict[
         row[f"acc_{a['name']}"] = float(a["accuracy"])
         row[f"acc_{a['name']}_se"] = binomial_se(a["accuracy"], n)
         row[f"mmacs_{a['name']}"] = float(a["mmacs"])
+        if "category_spread" in a and pd.notna(a["category_spread"]):  # gated networks
+            row[f"spread_{a['name']}"] = float(a["category_spread"])
     if budgeted is not None:
         for _, b in budgeted[budgeted["mode"] == "budget"].iterrows():
             col = _budget_column(b["requested_budget"])
@@ -86,19 +88,21 @@ def _label_row(label: str, trials: pd.DataFrame, acc_cols: list[str], mmacs_cols
         values = trials[c].dropna() if c in trials else pd.Series(dtype=float)
         single_se = float(trials[f"{c}_se"].dropna().iloc[0]) if f"{c}_se" in trials and trials[f"{c}_se"].notna().any() else math.nan
         row[c], row[f"{c}_std"], row[f"{c}_se"] = _seed_stats(values, single_se, n_test)
-    for c in mmacs_cols:
+    for c in mmacs_cols:  # also the gates' category spread (spread_*), a mean over seeds
         row[c] = float(trials[c].mean()) if len(trials) else math.nan
+        if c.startswith("spread_"):
+            row[f"{c}_min"] = float(trials[c].min()) if len(trials) else math.nan
     return row
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """One row per label over its successful trials (seeds): ``label, n_seeds, trials, n_test``,
     per accuracy column the mean, ``_std`` (over seeds; NaN for one seed) and ``_se`` (the noise
-    for the rule; see the module doc), per ``mmacs_*`` column the mean. Labels keep their order;
+    for the rule; see the module doc), per ``mmacs_*`` and ``spread_*`` column the mean (``spread_*_min``: the lowest seed). Labels keep their order;
     a label whose trials all failed has n_seeds 0 and NaN accuracies."""
     label_col = "label" if "label" in table else "trial"
     acc_cols = accuracy_columns(table)
-    mmacs_cols = [c for c in table.columns if c.startswith("mmacs_")]
+    mmacs_cols = [c for c in table.columns if c.startswith(("mmacs_", "spread_"))]
     ok = _ok(table)
     rows = [_label_row(str(label), ok[ok[label_col] == label], acc_cols, mmacs_cols) for label in pd.unique(table[label_col])]
     return pd.DataFrame(rows)

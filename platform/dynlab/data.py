@@ -980,6 +980,9 @@ BUILTIN_CATEGORIES = {
     "digits": [0, 1, 2, 2, 1, 2, 0, 1, 0, 0],
     "cifar10": [0, 1, 3, 2, 2, 2, 3, 2, 0, 1],
 }
+# an image folder whose classes are exactly these (as the CIFAR-10 JPEG copies name them) gets
+# CIFAR-10's grouping under ``auto``
+CIFAR10_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BUILTIN_CATEGORY_NAMES = {
     "digits": ["closed loops", "straight strokes", "open curves"],
     "cifar10": ["air/sea vehicles", "road vehicles", "four-legged mammals", "other animals"],
@@ -1073,10 +1076,18 @@ def cifar100_categories(cfg: DataConfig) -> list[int]:
     return check_categories([mapping[i] for i in range(100)], 100, "data.root", cfg.root)
 
 
+def _builtin_kind(cfg: DataConfig) -> str:
+    """The dataset whose built-in grouping ``auto`` uses: the dataset's name, or ``cifar10`` for an
+    image folder with CIFAR-10's ten class names."""
+    if cfg.name == "imagefolder" and cfg.root and _imagefolder_index(cfg).classes == CIFAR10_CLASS_NAMES:
+        return "cifar10"
+    return cfg.name
+
+
 def category_names(spec: str, cfg: DataConfig, k: int) -> list[str]:
     """Names of the ``k`` categories of :func:`class_categories`: the built-in groups', CIFAR-100's
     superclass names (its ``meta`` file), else ``category <i>``."""
-    names = BUILTIN_CATEGORY_NAMES.get(cfg.name) if spec == "auto" else None
+    names = BUILTIN_CATEGORY_NAMES.get(_builtin_kind(cfg)) if spec == "auto" else None
     if spec == "auto" and cfg.name == "cifar100":
         try:
             with open(_cifar_location(cfg)[1] / "meta", "rb") as f:
@@ -1088,14 +1099,15 @@ def category_names(spec: str, cfg: DataConfig, k: int) -> list[str]:
 
 def class_categories(spec: str, cfg: DataConfig, num_classes: int, key: str = "categories") -> list[int] | None:
     """The class -> category list that ``spec`` names: ``none`` (no categories: None), ``auto``
-    (CIFAR-100 superclasses, the built-in digits / CIFAR-10 groupings, else None) or a mapping
+    (CIFAR-100 superclasses, the built-in digits / CIFAR-10 groupings, the latter also for an image
+    folder with CIFAR-10's class names; else None) or a mapping
     file path (see :func:`load_categories`; imagefolder class names may be used as keys)."""
     if spec == "none":
         return None
     if spec == "auto":
         if cfg.name == "cifar100":
             return cifar100_categories(cfg)
-        builtin = BUILTIN_CATEGORIES.get(cfg.name)
+        builtin = BUILTIN_CATEGORIES.get(_builtin_kind(cfg))
         return list(builtin) if builtin and len(builtin) == num_classes else None
     classes = _imagefolder_index(cfg).classes if cfg.name == "imagefolder" else None
     return load_categories(spec, num_classes, classes, key)

@@ -78,7 +78,12 @@ class Scale:
 @dataclass
 class Claim:
     """"``better`` >= ``worse``" in experiment ``experiment``, ``over`` its exits (anytime) or its
-    budgets (budgeted batch), ``at`` every point, the first (cheapest) or the last (dearest)."""
+    budgets (budgeted batch), ``at`` every point, the first (cheapest) or the last (dearest).
+
+    ``kind``: ``ge`` (that), ``matches`` (``better`` is not below ``worse`` beyond noise *and* costs
+    less: a dynamic network against its dense original) or ``routes`` (``better``'s gates route by
+    category: the widest difference of one gate's execution rate across categories, in every seed,
+    is at least ``threshold``; ``worse`` is unused)."""
 
     name: str
     experiment: str
@@ -87,6 +92,12 @@ class Claim:
     over: str = "exits"  # exits | budgets
     at: str = "all"  # all | first | last
     source: str = ""  # where the paper says it
+    kind: str = "ge"  # ge | matches | routes
+    threshold: float = 0.0  # routes: the least category spread
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return (self.better,) if self.kind == "routes" else (self.better, self.worse)
 
 
 VERDICTS = ("holds", "within noise", "reversed", "not run")
@@ -162,7 +173,7 @@ def _fill(value: Any, cfg: config_mod.Config) -> Any:
 def claims_of(claims: list[Claim], experiments: list[Experiment]) -> list[Claim]:
     """The claims these experiments can answer (their experiment is run and has both rows)."""
     rows = {e.name: {r.label for r in e.rows} for e in experiments}
-    return [c for c in claims if c.better in rows.get(c.experiment, ()) and c.worse in rows.get(c.experiment, ())]
+    return [c for c in claims if all(r in rows.get(c.experiment, ()) for r in c.rows)]
 
 
 def make_trials(cfg: config_mod.Config, scale: Scale, user: dict[str, Any]) -> list[sweeps.Trial]:
@@ -220,14 +231,39 @@ def point_verdict(diff: float, noise: float) -> str:
     return "holds" if diff > margin else "reversed" if diff < -margin else "within noise"
 
 
+def _routes_verdict(claim: Claim, summary: pd.DataFrame) -> dict[str, Any]:
+    row = summary[summary["label"] == claim.better]
+    cols = [c for c in summary.columns if c.startswith("spread_") and not c.endswith("_min")]
+    if row.empty or not cols or not np.isfinite(row.iloc[0][cols[0]]):
+        return {"verdict": "not run", "ours": "no gate statistics at this scale"}
+    mean, low = float(row.iloc[0][cols[0]]), float(row.iloc[0].get(f"{cols[0]}_min", row.iloc[0][cols[0]]))
+    verdict = "holds" if low >= claim.threshold else "reversed"  # below it in any seed: that seed's gates barely route
+    return {"verdict": verdict, "ours": f"category spread {mean:.2f} (mean), {low:.2f} (lowest seed); needs >= {claim.threshold:g}", "min_diff": low, "max_diff": mean}
+
+
+def _cost_ratio(summary: pd.DataFrame, better: str, worse: str, points: list[str]) -> float:
+    """``better``'s mean executed cost over ``worse``'s at these points (their mmacs columns)."""
+    b, w = (summary[summary["label"] == x].iloc[0] for x in (better, worse))
+    cols = [f"mmacs_{p[4:]}" for p in points]
+    return float(sum(b[c] for c in cols) / sum(w[c] for c in cols))
+
+
 def claim_verdict(claim: Claim, summary: pd.DataFrame) -> dict[str, Any]:
     """One claim's verdict over its points: ``reversed`` if any point is reversed, ``holds`` if
-    every point holds, else ``within noise``; with the numbers behind it."""
+    every point holds, else ``within noise``; with the numbers behind it. ``matches``: holds when no
+    point is reversed and ``better`` costs less, else reversed. ``routes``: see :class:`Claim`."""
+    if claim.kind == "routes":
+        return _routes_verdict(claim, summary)
     d = differences(summary, claim.better, claim.worse, claim.over)
     if d.empty:
         return {"verdict": "not run", "ours": "no results at this scale"}
     d = d.iloc[[0]] if claim.at == "first" else d.iloc[[-1]] if claim.at == "last" else d
     per = [point_verdict(x, n) for x, n in zip(d["diff"], d["noise"])]
+    if claim.kind == "matches":
+        ratio = _cost_ratio(summary, claim.better, claim.worse, list(d["point"]))
+        verdict = "reversed" if "reversed" in per or ratio >= 1 else "holds"
+        spread = ", ".join(f"{x:+.2f}±{n:.2f}" for x, n in zip(d["diff"], d["noise"]))
+        return {"verdict": verdict, "ours": f"{spread} at {ratio:.2f}x the cost", "min_diff": float(d["diff"].min()), "max_diff": float(d["diff"].max())}
     verdict = "reversed" if "reversed" in per else "holds" if all(p == "holds" for p in per) else "within noise"
     counts = ", ".join(f"{per.count(v)} {v}" for v in VERDICTS if per.count(v))
     spread = ", ".join(f"{x:+.2f}±{n:.2f}" for x, n in zip(d["diff"], d["noise"]))
@@ -238,11 +274,28 @@ def paper_claim(claim: Claim, published: dict, table_of: dict[str, str] | None =
     """What the paper's own numbers say about a claim, where it printed them (``table_of``: the
     paper's table each experiment stands for)."""
     table = published.get("tables", {}).get((table_of or {}).get(claim.experiment, claim.experiment))
+    if table and "points" in table:
+        return _paper_points_claim(claim, table)
     if claim.over != "exits" or not table or claim.better not in table["rows"] or claim.worse not in table["rows"]:
         return "no values printed (a plot)"  # Fig. 4 and Fig. 6 of BoostNet, for instance
     diff = np.array(table["rows"][claim.better]) - np.array(table["rows"][claim.worse])
     diff = diff[:1] if claim.at == "first" else diff[-1:] if claim.at == "last" else diff
     return f"{table['source'].split(' (')[0]}: {diff.min():+.2f} .. {diff.max():+.2f} ({int((diff >= 0).sum())} of {len(diff)} >= 0)"
+
+
+def paper_points(table: dict) -> dict[str, tuple[float, float]]:
+    """A one-point-per-model table (a dynamic network's operating points: ``points: {label: {cost,
+    top1_err}}``, as the paper prints them) as ``{label: (cost, top-1 accuracy %)}``."""
+    return {label: (float(p["cost"]), 100.0 - float(p["top1_err"])) for label, p in table["points"].items()}
+
+
+def _paper_points_claim(claim: Claim, table: dict) -> str:
+    pts = paper_points(table)
+    where = table["source"].split(" (")[0]
+    if claim.kind == "routes" or any(r not in pts for r in claim.rows):
+        return "no values printed" + (" (a plot)" if claim.kind == "routes" else " for these rows")
+    (cb, ab), (cw, aw) = pts[claim.better], pts[claim.worse]
+    return f"{where}: {ab - aw:+.2f}" + (f" at {cb / cw:.2f}x the cost" if claim.kind == "matches" else "")
 
 
 # ------------------------------------------------------------------ the report
@@ -263,7 +316,7 @@ def experiment_table(summary: pd.DataFrame, experiment: dict, paper: dict | None
     verdict; the paper's cost and rows beside them when our exits are the paper's (equal costs)."""
     cols = _point_columns(summary, "exits")
     mmacs = [float(summary[f"mmacs_{c[4:]}"].iloc[0]) if f"mmacs_{c[4:]}" in summary else math.nan for c in cols]
-    joined = paper is not None and costs_match(mmacs, paper["cost"])
+    joined = paper is not None and "cost" in paper and costs_match(mmacs, paper["cost"])
     out = pd.DataFrame({"exit": range(1, len(cols) + 1), "MMACs": [round(m, 2) for m in mmacs]})
     for label in experiment["rows"]:
         s = summary[summary["label"] == label]
@@ -286,7 +339,48 @@ def experiment_table(summary: pd.DataFrame, experiment: dict, paper: dict | None
     return out, joined
 
 
+def one_point(summary: pd.DataFrame) -> bool:
+    """Whether each row is one operating point (a gated network's mean executed cost and accuracy)
+    rather than a curve of exits."""
+    return len(_point_columns(summary, "exits")) == 1 and any(c.startswith("spread_") for c in summary.columns)
+
+
+def points_table(summary: pd.DataFrame, experiment: dict, reference: str | None) -> pd.DataFrame:
+    """One row per compared model: its mean executed cost (and that over ``reference``'s), accuracy
+    (mean ± spread over seeds), the gates' category spread, and the difference from ``reference``
+    with its noise and verdict."""
+    (col,) = _point_columns(summary, "exits")
+    name = col[4:]
+    ref = summary[summary["label"] == reference].iloc[0] if reference and (summary["label"] == reference).any() else None
+    rows = []
+    for label in experiment["rows"]:
+        s = summary[summary["label"] == label]
+        if s.empty:
+            continue
+        s = s.iloc[0]
+        err = s[f"{col}_std"] if s["n_seeds"] > 1 else s[f"{col}_se"]
+        spread = s.get(f"spread_{name}", math.nan)
+        row = {"row": label, "MMACs": round(float(s[f"mmacs_{name}"]), 2), "accuracy": f"{s[col]:.2f} ± {err:.2f}",
+               "category spread (mean, lowest seed)": f"{spread:.2f}, {s[f'spread_{name}_min']:.2f}" if np.isfinite(spread) else "- (no gates)"}
+        if ref is not None:
+            row[f"x {reference} cost"] = round(float(s[f"mmacs_{name}"] / ref[f"mmacs_{name}"]), 3)
+            if label != reference:
+                noise = math.sqrt(s[f"{col}_se"] ** 2 + ref[f"{col}_se"] ** 2)
+                row[f"- {reference}"] = f"{s[col] - ref[col]:+.2f} ± {noise:.2f}"
+                row["verdict"] = point_verdict(s[col] - ref[col], noise)
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
+
+
 def paper_table(paper: dict) -> pd.DataFrame:
+    if "points" in paper:
+        pts = paper_points(paper)
+        ref = pts.get(paper.get("reference", ""))
+        unit = {1e6: "MMACs", 1e9: "GMACs"}.get(float(paper["cost_unit"]), f"x{paper['cost_unit']:g} MACs")
+        out = pd.DataFrame({"model": list(pts), unit: [c for c, _ in pts.values()], "top-1 %": [round(a, 2) for _, a in pts.values()]})
+        if ref:
+            out[f"x {paper['reference']} cost"] = [round(c / ref[0], 3) for c, _ in pts.values()]
+        return out
     out = pd.DataFrame({"exit": range(1, len(paper["cost"]) + 1), "MMACs": paper["cost"]})
     for label, values in paper["rows"].items():
         out[label] = values
@@ -324,7 +418,7 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
         paper = published.get("tables", {}).get(e["paper"])
         cols = _point_columns(s, "exits")
         mm = [float(s[f"mmacs_{c[4:]}"].iloc[0]) for c in cols]
-        same = paper is not None and costs_match(mm, paper["cost"])
+        same = paper is not None and "cost" in paper and costs_match(mm, paper["cost"])
         panels.append((e, s, paper, same))
         if paper is not None and not same:
             panels.append(({"name": e["paper"], "paper_only": True}, None, paper, False))
@@ -348,7 +442,10 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
                     bx = [float(c[4:].replace("MMACs", "")) for c in bcols]
                     ax.plot(bx, [r[c] for c in bcols], "-", color=colour, label=f"{r['label']} budgeted")
             ax.set_title(e["name"] + (" (paper's exits)" if same else ""), fontsize=9)
-        if paper is not None and (same or e.get("paper_only")):
+        if paper is not None and "points" in paper and e.get("paper_only"):  # one point per model
+            for i, (label, (cost, acc)) in enumerate(paper_points(paper).items()):
+                ax.plot([cost * paper["cost_unit"] / 1e6], [acc], "x", markersize=8, color=colours.get(label, f"C{i + 5}"), label=f"paper {label} ({paper['dataset']})")
+        elif paper is not None and (same or e.get("paper_only")):
             for i, (label, values) in enumerate(paper["rows"].items()):
                 ax.plot(paper["cost"], values, "x--", color=colours.get(label, f"C{i + 5}"), alpha=0.8, label=f"paper {label} ({paper['dataset']})")
             if e.get("paper_only"):
@@ -396,9 +493,13 @@ def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
             if paper:
                 md += [_markdown(paper_table(paper)), ""]
             continue
-        t, joined = experiment_table(s, e, paper, tuple(e["pair"]) if e.get("pair") else None)
+        if one_point(s):  # gated networks: one operating point per row, the paper's beneath (matched by label)
+            t, joined = points_table(s, e, e["pair"][1] if e.get("pair") else None), False
+        else:
+            t, joined = experiment_table(s, e, paper, tuple(e["pair"]) if e.get("pair") else None)
         t.to_csv(ctx.out_dir / "experiments" / f"{e['name']}.csv", index=False)
-        md += [f"Ours: test accuracy % (mean ± std over {int(s['n_seeds'].max())} seed(s); ± binomial SE for one seed), on {int(s['n_test'].max())} test images.", "", _markdown(t), ""]
+        what = "executed cost and test accuracy" if one_point(s) else "test accuracy"
+        md += [f"Ours: {what} % (mean ± std over {int(s['n_seeds'].max())} seed(s); ± binomial SE for one seed), on {int(s['n_test'].max())} test images.", "", _markdown(t), ""]
         if paper and not joined:
             md += [f"The paper ({paper['source']}; {paper['dataset']}, preset {paper['preset']}): another dataset and scale than ours, so compare directions and shapes, not numbers.", "", _markdown(paper_table(paper)), ""]
         bud = _point_columns(s, "budgets")
@@ -491,6 +592,8 @@ def forward_macs(cfg: config_mod.Config, cache: dict | None = None) -> float:
         kind = _dataset_kind(cfg)
         # the plan reads no data (it may be on the cluster only): the known datasets' shapes
         info = data.dataset_info(cfg.data) if kind == "synthetic" else data.STATIC_INFO[kind]
+        if isinstance(getattr(cfg.method_cfg, "categories", None), str):  # DMNN: its category heads read the labels, and cost nothing at inference
+            cfg = cfg.with_overrides({f"{cfg.method}.categories": "none"})
         model = registry.get_method(cfg.method).cls(cfg).build_model(info)
         cache[key] = float(model.cost_table.macs[-1])
     return cache[key]

@@ -93,6 +93,8 @@ def evaluate(cfg, tables: PredictionTables, calibration: pd.DataFrame | None = N
     here, :func:`calibrate`) applied to held-out and test."""
     test, test_labels = evaluation.frame_to_predictions(tables.test, "test")
     any_df = evaluation.anytime(test, test_labels)
+    if isinstance(test, GatedPredictions) and test.gates is not None and getattr(cfg.backbone_cfg, "gated", True):  # not the dense network
+        any_df["category_spread"] = gate_spread(cfg, test, test_labels)  # do the gates route by category?
     if calibration is None:
         calibration = calibrate(cfg, tables)
     if calibration is None or not isinstance(test, ExitPredictions):
@@ -110,6 +112,14 @@ def gate_categories(cfg, num_classes: int) -> tuple[list[int] | None, list[str] 
         return None, None
     mapping = data_mod.class_categories(spec, cfg.data, num_classes, f"{cfg.method}.categories")
     return (mapping, data_mod.category_names(spec, cfg.data, max(mapping) + 1)) if mapping is not None else (None, None)
+
+
+def gate_spread(cfg, preds: GatedPredictions, labels) -> float:
+    """The widest difference of one sub-block's execution rate across the categories the method
+    trained with (per class when it has none): 0 for a static network (see gating.category_spread)."""
+    mapping, _ = gate_categories(cfg, preds.logits.shape[1])
+    by = gating.rates_by_category(preds.gates, preds.subblocks, labels, mapping)
+    return gating.category_spread(by)
 
 
 def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluation, checkpoint_dir: str | None = None) -> Path:

@@ -347,7 +347,11 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
     plugins = plugins or ["methods"]
     cache = cache_root(base)
     tracking.close_orphans(parent.experiment_id, parent.uri)  # runs a killed invocation left RUNNING
-    todo = [t for t in trials if needs_training(cache, t, base)]
+    first: dict[str, Trial] = {}
+    for t in (t for t in trials if needs_training(cache, t, base)):
+        first.setdefault(t.train_key, t)
+    todo = list(first.values())  # one training per train key: the same training in two experiments is trained once
+    shared = [t for t in trials if t.train_key in first and first[t.train_key] is not t]
     errors: dict[str, str] = {}
     if not todo:  # said too, so that a log shows a re-run trained nothing
         print(f"[sweep] 0 of {len(trials)} trials to train ({len(trials)} cached)", flush=True)
@@ -358,7 +362,8 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
         at_once = concurrency(base, todo, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])
         local = {t.id: in_process(t.cfg()) for t in todo}
         how = "each in its trial's process (Ray Train local mode)" if all(local.values()) else "each with a Ray Train worker group" if not any(local.values()) else "in-process or with a worker group"
-        print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo)} cached), {at_once} at a time, {how}", flush=True)
+        also = f", {len(shared)} sharing another trial's training" if shared else ""
+        print(f"[sweep] {len(todo)} of {len(trials)} trials to train ({len(trials) - len(todo) - len(shared)} cached{also}), {at_once} at a time, {how}", flush=True)
         for t in todo:  # left by an earlier invocation that was killed before reading it
             input_error_file(cache, t.train_key).unlink(missing_ok=True)
         storage = training.storage_path(base)
@@ -392,6 +397,7 @@ def run(base: config_mod.Config, trials: list[Trial], parent: tracking.RunHandle
                 errors[t.id] = note.read_text()[:500]
                 note.unlink()
         finish_stopped_trials([t for t in todo if t.id not in errors], parent, experiment, storage, cache)
+        errors.update({t.id: errors[first[t.train_key].id] for t in shared if first[t.train_key].id in errors})
     rows = []
     for t in trials:
         done = cached_training(cache, t.train_key)
