@@ -5,14 +5,14 @@ state, category loss), then the paper's numbers beside ours and one verdict per 
 match the dense network's accuracy at a lower cost, does a larger target buy accuracy, and do the
 gates route by category (pipelines/published/dmnn.yaml holds the paper's numbers).
 
-    python -m pipelines.reproduce_dmnn scale=smoke     # the whole DAG on synthetic data, about half a minute on 2 cores
+    python -m pipelines.reproduce_dmnn scale=smoke     # the whole DAG on digits, about half a minute on 2 cores
     python -m pipelines.reproduce_dmnn scale=laptop    # CIFAR-10 copy, 3 seeds, 2-core CPU: see README
     python -m pipelines.reproduce_dmnn scale=paper --plan repro.throughput=4e12   # the plan, no training
 Paper scale, on a GPU cluster (a running Ray head; see README "Clusters"):
     ray job submit --working-dir . -- python -m pipelines.reproduce_dmnn scale=paper \\
         repro.cifar100_root=/data/cifar100 repro.imagenet_root=/data/imagenet sweep.cache_dir=/shared/cache
 
-Scales: ``smoke`` trains the small DMNN ResNet on synthetic images for two epochs (one with the
+Scales: ``smoke`` trains the small DMNN ResNet on digits for two epochs (one with the
 gates open, one gated): the machinery, not the paper; ``laptop`` trains it on the CIFAR-10
 copy (CIFAR-10's four built-in categories supervise the controllers), 3 seeds; ``paper`` the
 paper's networks and settings (sweep_dmnn_flops.PAPER_TRAINING). A "dense" row is the same ResNet
@@ -68,15 +68,17 @@ def _paper() -> Scale:
 
 
 def _smoke() -> Scale:
-    data = {"data.name": "synthetic", "data.synthetic_classes": 10, "data.synthetic_train": 96, "data.synthetic_test": 100, "data.heldout": 16}
+    # digits: small and fast, with built-in categories (closed loops, straight strokes, open curves)
+    # for the controllers' category loss and the routing statistics
+    data = {"data.name": "digits", "data.augment": False, "data.heldout": 100}
     return Scale(
         "smoke",
-        "the whole DAG on synthetic data (the small DMNN ResNet, 2 epochs: one with the gates open, one gated): checks the machinery, not the paper",
+        "the whole DAG on digits (the small DMNN ResNet, 2 epochs: one with the gates open, one gated): checks the machinery, not the paper",
         {"method": "dmnn", "preset": "dmnn-resnet-small", **data, "run.epochs": 2, "data.batch_size": 32, "sweep.repeats": 1, "run.num_workers": 1},
         [
-            Experiment("synthetic-resnet", "Table 3's comparison on synthetic data", {}, [dense(), dmnn(0.5), dmnn(0.7)], paper="table3-cifar100"),
+            Experiment("digits-resnet", "Table 3's comparison on digits", {}, [dense(), dmnn(0.5), dmnn(0.7)], paper="table3-cifar100"),
             # PREV+CAT is the row above's t = 0.7: one training serves both experiments
-            Experiment("synthetic-controller", "Table 4's ablation on synthetic data", {}, [Row("neither", {"dmnn.target_rate": 0.7, **_NO_PREV, **_NO_CAT}), Row("PREV+CAT", {"dmnn.target_rate": 0.7})], paper="table4-imagenet-controller"),
+            Experiment("digits-controller", "Table 4's ablation on digits", {}, [Row("neither", {"dmnn.target_rate": 0.7, **_NO_PREV, **_NO_CAT}), Row("PREV+CAT", {"dmnn.target_rate": 0.7})], paper="table4-imagenet-controller"),
         ],
     )
 
@@ -110,7 +112,7 @@ def _claims(e: str, targets: tuple[float, ...], matched: tuple[float, ...], src:
 
 CLAIMS = [
     *_claims("table3-cifar100", (0.5, 0.6, 0.7), (0.5, 0.6, 0.7), "Table 3: 'DMNN-50 ... can even outperform ResNet-50 by 1.4% ... with only 78.7% FLOPs'"),
-    *_claims("synthetic-resnet", (0.5, 0.7), (0.5, 0.7), "Table 3's direction"),
+    *_claims("digits-resnet", (0.5, 0.7), (0.5, 0.7), "Table 3's direction"),
     *_claims("cifar10-resnet", (0.5, 0.6, 0.7), (0.5, 0.6, 0.7), "Table 3's direction"),
     *_claims("table1-imagenet-resnet50", (0.4, 0.5, 0.6, 0.7), (0.5, 0.6, 0.7), "Table 1: 'DMNN-50 achieves similar performance with ResNet-50 but saves more than 42.4% FLOPs'"),
     Claim("DMNN t=0.5 matches dense at lower cost (table1-imagenet-resnet101)", "table1-imagenet-resnet101", "DMNN t=0.5", "dense", source="Table 1: 'DMNN-101 outperforms ResNet-101 and save 45.1% FLOPs'", kind="matches"),
@@ -118,7 +120,7 @@ CLAIMS = [
         Claim(f"{r} >= neither (table4-imagenet-controller)", "table4-imagenet-controller", r, "neither", source="Table 4: each of previous state and category supervision helps, both most")
         for r in ("PREV", "CAT", "PREV+CAT")
     ),
-    Claim("PREV+CAT >= neither (synthetic-controller)", "synthetic-controller", "PREV+CAT", "neither", source="Table 4's direction"),
+    Claim("PREV+CAT >= neither (digits-controller)", "digits-controller", "PREV+CAT", "neither", source="Table 4's direction"),
 ]
 
 

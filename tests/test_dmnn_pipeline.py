@@ -1,12 +1,10 @@
-"""DMNN around the platform: the sweep's trials, the cost listing, the benchmark (no Ray), and one
-gated trial plus the dense baseline through the whole sweep pipeline (Ray)."""
+"""DMNN around the platform: the sweep's trials, the cost listing, the benchmark (no Ray); the
+pipeline end to end is tests/test_reproduce_dmnn.py's smoke test."""
 
-import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
 from benchmarks import gated
-from dynlab import config, pipeline, tracking
+from dynlab import config
 from dynlab.errors import ConfigError
 from pipelines import costs as costs_pipeline
 from pipelines import sweep_dmnn_flops as sweep
@@ -85,27 +83,4 @@ def test_gated_benchmark_reports_macs_and_time_ratios(capsys):
     assert rows[0]["macs"] < rows[1]["macs"] <= 1.0 + 1e-9
 
 
-@pytest.mark.slow
-def test_one_dmnn_trial_end_to_end(in_tmp, ray_local):
-    args, lambdas = sweep.with_defaults(["run.epochs=1", "sweep.values=[0.5]", "data.heldout=100"])
-    base = config.cli_config(args)
-    trials = sweep.make_trials(lambdas)(base)  # t = 0.5 and the dense baseline
-    parent = tracking.open_run("dmnn-test", "one")
-    out = pipeline.run(base, trials, parent, "dmnn-test", sweep.title(base))
-    parent.end()
-    table = out["comparison"].set_index("label")
-    assert list(table.index) == ["target_rate=0.5", "gated=False, subblocks=1"]
-    assert (table["status"] == "ok").all(), table["error"].tolist()
-    gated_row, dense_row = table.loc["target_rate=0.5"], table.loc["gated=False, subblocks=1"]
-    assert 0 <= gated_row["acc_gated"] <= 100 and 0 <= dense_row["acc_gated"] <= 100
-    # executed MACs (controllers included) against the unmodified network's
-    assert gated_row["mmacs_gated"] <= dense_row["mmacs_gated"], (gated_row["mmacs_gated"], dense_row["mmacs_gated"])
-
-    client = MlflowClient(tracking.tracking_uri())
-    child = client.get_run(gated_row["run_id"])
-    assert child.data.tags["mlflow.parentRunId"] == parent.run_id
-    logged = {f.path for f in client.list_artifacts(child.info.run_id, "evaluation/gated")}
-    expected = ["execution_rates.csv", "execution_rates.txt", "rates_by_category.csv", "rates_by_category.png", "rates_by_class.csv", "cost_distribution.csv", "cost_distribution.png"]
-    assert {f"evaluation/gated/{n}" for n in expected} <= logged
-    rates = pd.read_csv(client.download_artifacts(child.info.run_id, "evaluation/gated/rates_by_category.csv", str(in_tmp)))
-    assert sorted(set(rates["category"])) == [0, 1, 2]  # digits: the 3 built-in groups DMNN trained with
+# The pipeline end to end (a gated and a dense trial, their gate reports): tests/test_reproduce_dmnn.py's smoke test.

@@ -127,6 +127,10 @@ def test_plan_runs_without_ray_or_the_data(capsys):
 
 @pytest.mark.slow
 def test_smoke_scale_runs_the_whole_dag_and_reports_every_claim(in_tmp, ray_local, capsys):
+    from mlflow import MlflowClient
+
+    from dynlab import tracking
+
     assert rd.main(["scale=smoke"]) == 0
     out = capsys.readouterr().out
     assert "4 of 5 trials to train (0 cached, 1 sharing another trial's training)" in out  # PREV+CAT is t=0.7
@@ -134,11 +138,20 @@ def test_smoke_scale_runs_the_whole_dag_and_reports_every_claim(in_tmp, ray_loca
     claims = pd.read_csv(f"{folder}/claims.csv")
     assert len(claims) == 6 and set(claims["verdict"]) <= {"holds", "within noise", "reversed"}
     paper = dict(zip(claims["claim"], claims["paper"]))
-    assert paper["DMNN t=0.7 matches dense at lower cost (synthetic-resnet)"] == "Table 3: +1.40 at 0.79x the cost"
-    assert paper["PREV+CAT >= neither (synthetic-controller)"] == "Table 4: +0.68"
-    t = pd.read_csv(f"{folder}/experiments/synthetic-resnet.csv")
+    assert paper["DMNN t=0.7 matches dense at lower cost (digits-resnet)"] == "Table 3: +1.40 at 0.79x the cost"
+    assert paper["PREV+CAT >= neither (digits-controller)"] == "Table 4: +0.68"
+    t = pd.read_csv(f"{folder}/experiments/digits-resnet.csv")
     assert list(t["row"]) == ["dense", "DMNN t=0.5", "DMNN t=0.7"]
     assert t["category spread (mean, lowest seed)"].iloc[0] == "- (no gates)" and t["x dense cost"].iloc[0] == 1.0
     md = open(f"{folder}/reproduction.md").read()
     assert "| DMNN t=0.6 | 0.22 | 72.66 | 0.667 |" in md  # the paper's Table 3 beneath ours
     assert "Table 4's check marks are lost" in md
+
+    # a gated trial's run has the gates' report, by the categories DMNN trained with
+    client = MlflowClient(tracking.tracking_uri())
+    (child,) = client.search_runs(client.get_experiment_by_name(rd.EXPERIMENT).experiment_id, filter_string="tags.`dynlab.trial` = 'digits-resnet-DMNNt=0.5'")
+    logged = {f.path for f in client.list_artifacts(child.info.run_id, "evaluation/gated")}
+    expected = ["execution_rates.csv", "execution_rates.txt", "rates_by_category.csv", "rates_by_category.png", "rates_by_class.csv", "cost_distribution.csv", "cost_distribution.png"]
+    assert {f"evaluation/gated/{n}" for n in expected} <= logged
+    rates = pd.read_csv(client.download_artifacts(child.info.run_id, "evaluation/gated/rates_by_category.csv", str(in_tmp)))
+    assert sorted(set(rates["category"])) == [0, 1, 2]  # digits: the 3 built-in groups DMNN trained with
