@@ -159,19 +159,19 @@ def test_plan_prints_the_dag_trials_and_compute_without_starting_ray(capsys):
 
 @pytest.mark.slow
 def test_smoke_scale_runs_the_whole_dag_and_reports_every_claim(in_tmp, ray_local, capsys):
-    assert rb.main(["scale=smoke", "eval.num_budgets=2"]) == 0
+    # one experiment (RANet's runs the same code; its costs are checked above without training)
+    assert rb.main(["scale=smoke", "eval.num_budgets=2", "repro.only=[cifar100-msdnet]"]) == 0
     out = capsys.readouterr().out
     folder = reproduction_folder(rb.EXPERIMENT, "smoke", in_tmp / "artifacts")
     claims = pd.read_csv(f"{folder}/claims.csv")
-    assert len(claims) == 7 and set(claims["verdict"]) <= {"holds", "within noise", "reversed"}
-    for name, exits in (("cifar100-msdnet", 10), ("cifar100-ranet", 8)):  # Table 1's columns, ours beside the paper's
-        t = pd.read_csv(f"{folder}/experiments/{name}.csv")
-        paper = PUBLISHED["tables"][name]
-        assert len(t) == exits
-        assert list(t["paper MMACs"]) == paper["cost"] and list(t["paper BoostNet"]) == paper["rows"]["BoostNet"]
-        assert t["BoostNet"].notna().all() and t["baseline"].notna().all() and t["verdict"].notna().all()
+    assert len(claims) == 5 and set(claims["verdict"]) <= {"holds", "within noise", "reversed"}
+    t = pd.read_csv(f"{folder}/experiments/cifar100-msdnet.csv")  # Table 1's columns, ours beside the paper's
+    paper = PUBLISHED["tables"]["cifar100-msdnet"]
+    assert len(t) == 10
+    assert list(t["paper MMACs"]) == paper["cost"] and list(t["paper BoostNet"]) == paper["rows"]["BoostNet"]
+    assert t["BoostNet"].notna().all() and t["baseline"].notna().all() and t["verdict"].notna().all()
     md = open(f"{folder}/reproduction.md").read()
     assert "`eval.num_budgets`: 3 -> 2" in md  # the override is listed
+    assert "## cifar100-ranet" not in md and "(cifar100-ranet)" not in out  # not asked for: not reported
     assert "Table 2's backbone labels are swapped" in md and "weight decay 1e-4" in md
     assert "Claims of the paper" in out and "BoostNet >= baseline at every exit (cifar100-msdnet)" in out
-
