@@ -155,3 +155,16 @@ def test_smoke_scale_runs_the_whole_dag_and_reports_every_claim(in_tmp, ray_loca
     assert {f"evaluation/gated/{n}" for n in expected} <= logged
     rates = pd.read_csv(client.download_artifacts(child.info.run_id, "evaluation/gated/rates_by_category.csv", str(in_tmp)))
     assert sorted(set(rates["category"])) == [0, 1, 2]  # digits: the 3 built-in groups DMNN trained with
+
+
+def test_plan_counts_a_shared_training_once():
+    scale = rd.SCALES["smoke"]
+    base = config.resolve(reproduce.defaults_of(scale))
+    plan = reproduce.plan_frame(base, reproduce.make_trials(base, scale, {})).set_index("trial")
+    both, t07 = plan.loc["digits-controller-PREV+CAT"], plan.loc["digits-resnet-DMNNt=0.7"]
+    assert both["settings"].startswith("(trained by)=digits-resnet-DMNNt=0.7")
+    # the shared trial costs only its predictions (one forward pass over held-out and test); the
+    # other trains too: 3 x forward x about 1,300 images x 2 epochs more
+    assert both["training PMACs"] < t07["training PMACs"] / 20
+    out = reproduce.plan_text(base, scale, reproduce.make_trials(base, scale, {}), {}, "plan")
+    assert "1 trial(s) share another trial's training (the same config): trained once, 4 trainings in all." in out

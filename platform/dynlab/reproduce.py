@@ -607,6 +607,7 @@ def plan_frame(base: config_mod.Config, trials: list[sweeps.Trial]) -> pd.DataFr
     flat = base.flat()
     cache: dict = {}
     rows = []
+    first: dict[str, str] = {}  # train key -> the trial that trains it (the sweep trains a shared training once)
     for t in trials:
         cfg = t.cfg()
         mine = cfg.flat()
@@ -615,6 +616,10 @@ def plan_frame(base: config_mod.Config, trials: list[sweeps.Trial]) -> pd.DataFr
         train, held, test = _sizes(cfg)
         fwd = forward_macs(cfg, cache)
         macs = 3 * fwd * train * cfg.run.epochs + fwd * held * cfg.run.epochs + fwd * (held + test)
+        shared = first.setdefault(t.train_key, t.id) != t.id
+        if shared:
+            macs = fwd * (held + test)  # its predictions only
+            differs = {"(trained by)": first[t.train_key], **differs}
         rows.append({"trial": t.id, "settings": " ".join(f"{k}={_short(v)}" for k, v in differs.items()), "cpus": cpus, "gpus": gpus, "forward GMACs": fwd / 1e9, "train images": train, "epochs": cfg.run.epochs, "training PMACs": macs / 1e15})
     return pd.DataFrame(rows)
 
@@ -650,6 +655,9 @@ def plan_text(base: config_mod.Config, scale: Scale, trials: list[sweeps.Trial],
     for row, settings in zip(table[1:], p["settings"]):
         lines += ["  " + row, "      " + (settings or "(the base)")]
     total = p["training PMACs"].sum()
+    shared = p["settings"].str.startswith("(trained by)=").sum()
+    if shared:
+        lines += ["", f"{shared} trial(s) share another trial's training (the same config): trained once, {n - shared} trainings in all."]
     lines += ["", f"Compute: {total:.4g} PMACs (10^15 multiply-adds) in all; training = 3 x forward x images x epochs, plus held-out scoring each epoch and the final predictions."]
     gpu = p[p["gpus"] > 0]
     g = base.repro.gpus
