@@ -10,6 +10,7 @@ from torch import nn
 
 from dynlab.errors import ConfigError
 from dynlab.predictions import ExitPredictions
+from dynlab.recipe import hard_labels
 from dynlab.registry import DatasetInfo, backbone_options, get_backbone
 
 
@@ -46,7 +47,7 @@ def exit_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch
     metrics = {"loss": loss.detach()}
     for n, (o, l) in enumerate(zip(outputs, losses)):
         metrics[f"loss_exit{n}"] = l.detach()
-        metrics[f"acc_exit{n}"] = (o.argmax(1) == targets).float().mean().detach() * 100
+        metrics[f"acc_exit{n}"] = (o.argmax(1) == hard_labels(targets)).float().mean().detach() * 100
     return loss, metrics
 
 
@@ -57,7 +58,10 @@ def exit_predictions(outputs: list[torch.Tensor], model: nn.Module) -> ExitPredi
 
 class ExitMethod:
     """train_step / predict shared by methods whose model returns a list of exit logits.
-    A method adds ``build_model``; the method config must have ``exit_weights``."""
+    A method adds ``build_model``; the method config must have ``exit_weights``. Targets may be
+    class probabilities (MixUp, CutMix, label smoothing: see dynlab.recipe)."""
+
+    soft_targets = True
 
     def __init__(self, cfg):
         self.cfg = cfg

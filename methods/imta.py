@@ -48,6 +48,7 @@ from torch import nn
 from dynlab import costs
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
+from dynlab.recipe import hard_labels
 from dynlab.registry import DatasetInfo, register_method
 from methods.exits import GRADIENT_EQUILIBRIUM_HELP, GRADIENT_RESCALE_HELP, ExitMethod, build_exit_backbone, exit_loss
 
@@ -106,7 +107,7 @@ def ofa_loss(outputs: list[torch.Tensor], targets: torch.Tensor, weights: torch.
     metrics["loss"] = loss.detach()
     for i, (o, l) in enumerate(zip(outputs, stacked)):
         metrics[f"loss_exit{i}"] = l.detach()
-        metrics[f"acc_exit{i}"] = (o.argmax(1) == targets).float().mean().detach() * 100
+        metrics[f"acc_exit{i}"] = (o.argmax(1) == hard_labels(targets)).float().mean().detach() * 100
     return loss, metrics
 
 

@@ -6,7 +6,9 @@ registry. So ``method=boostnet boostnet.temperature=0.25 backbone=msdnet msdnet.
 and ``ranet.n_blocks=2`` with ``backbone=msdnet`` is an error that says which sections exist.
 
 Field metadata drives validation: ``choices`` (allowed values), ``min`` / ``max`` (inclusive bounds),
-``hash=False`` (excluded from the config hash: where results go, not what they are).
+``hash=False`` (excluded from the config hash: where results go, not what they are),
+``hash_default=False`` (left out of the hash while at its default: a key added after runs were
+recorded, so that every earlier config keeps its hash and its cached training).
 """
 
 from __future__ import annotations
@@ -57,10 +59,16 @@ class RunConfig:
     init_from: str = field(default="", metadata={"help": "start from these weights (a .pt file, or a folder holding best.pt) before epoch 0; a resumed run ignores it"})
     wait_for_resources: bool = field(default=False, metadata={"hash": False, "help": "wait for workers the cluster does not have yet (autoscaling); default: fail at once"})
     kill_after_epoch: int = field(default=-1, metadata={"hash": False, "min": -1, "help": "fault injection for tests"})
+    ema_decay: float = bounded(0.0, 0.0, hash_default=False, help="keep an exponential moving average of the weights (and buffers), updated after every step with this decay (torch.optim.swa_utils.AveragedModel; DeiT: 0.99996); saved in the checkpoint; 0 = none")
+    ema_eval: bool = field(default=False, metadata={"hash_default": False, "help": "score the held-out split, select and save best.pt with the EMA weights (needs run.ema_decay > 0)"})
 
     def validate(self, section: str) -> None:
         check_name(f"{section}.name", self.name, empty_ok=True)  # "" = a fresh name per run
         check_name(f"{section}.experiment", self.experiment)
+        if self.ema_decay >= 1:
+            raise ConfigError(f"{section}.ema_decay", self.ema_decay, ">= 0 and < 1 (1 would never move the average); 0 = no EMA")
+        if self.ema_eval and self.ema_decay == 0:
+            raise ConfigError(f"{section}.ema_eval", self.ema_eval, f"false while {section}.ema_decay=0 (no EMA is kept); set {section}.ema_decay, e.g. 0.999")
 
 
 NAME_MAX = 100  # characters: run folders, Ray Train runs and MLflow artifact folders add to it, and a path part holds 255
@@ -94,8 +102,16 @@ class DataConfig:
     synthetic_train: int = bounded(512, 1)
     synthetic_test: int = bounded(256, 1)
     synthetic_classes: int = bounded(10, 2)
+    mixup: float = bounded(0.0, 0.0, hash_default=False, help="MixUp's Beta(alpha, alpha) on training batches (torchvision.transforms.v2.MixUp; DeiT: 0.8); soft targets; 0 = off")
+    cutmix: float = bounded(0.0, 0.0, hash_default=False, help="CutMix's alpha (torchvision.transforms.v2.CutMix; DeiT: 1.0); with data.mixup too, each batch gets one of the two at random; 0 = off")
+    auto_augment: str = choice("none", "none", "randaugment", "trivialaugment", hash_default=False, help="randaugment (2 ops, magnitude 9) or trivialaugment (TrivialAugmentWide) after the crop and flip of training images (torchvision)")
+    random_erasing: float = bounded(0.0, 0.0, 1.0, hash_default=False, help="probability of erasing a random rectangle of each normalised training image with noise (torchvision RandomErasing, value='random'; DeiT: 0.25)")
 
     def validate(self, section: str) -> None:
+        for key in ("auto_augment", "random_erasing"):
+            if getattr(self, key) not in ("none", 0.0) and (not self.augment or self.name == "synthetic"):
+                why = "data.augment=false" if not self.augment else "data.name=synthetic (not images)"
+                raise ConfigError(f"{section}.{key}", getattr(self, key), f"{'none' if key == 'auto_augment' else 0} with {why}: it augments training images")
         value = str(self.pin_memory).strip().lower()
         value = {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}.get(value, value)
         if value not in ("auto", "true", "false"):
@@ -113,6 +129,17 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75], metadata={"help": "fractions of epochs"})
     gamma: float = bounded(0.1, 0.0, 1.0)
     warmup_epochs: int = bounded(0, 0)
+    name: str = choice("sgd", "sgd", "adamw", hash_default=False, help="sgd (momentum, nesterov, weight decay on every parameter) or adamw (torch.optim.AdamW, betas 0.9/0.999; optim.weight_decay on weights only: none on norms, biases, embeddings and position / class tokens)")
+    min_lr: float = bounded(0.0, 0.0, hash_default=False, help="optim.schedule=cosine: the rate it decays to instead of 0 (DeiT: 1e-5)")
+    label_smoothing: float = bounded(0.0, 0.0, hash_default=False, help="targets (1 - e) one-hot + e / classes in every method's cross-entropy (with MixUp / CutMix: of the mixed targets); 0 = off")
+
+    def validate(self, section: str) -> None:
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"{section}.label_smoothing", self.label_smoothing, ">= 0 and < 1 (1 leaves no label in the targets)")
+        if self.min_lr > 0 and self.schedule != "cosine":
+            raise ConfigError(f"{section}.min_lr", self.min_lr, f"0 with {section}.schedule={self.schedule} (the floor is where the cosine schedule ends)")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{section}.min_lr", self.min_lr, f"<= {section}.lr ({self.lr:g}): the floor the cosine decays to")
 
 
 @dataclass
@@ -202,7 +229,8 @@ class Config:
         for section, cls in [*FIXED_SECTIONS.items(), (self.method, type(self.method_cfg)), (self.backbone, type(self.backbone_cfg))]:
             if dataclasses.is_dataclass(cls) and section in d:
                 for f in dataclasses.fields(cls):
-                    if f.metadata.get("hash", True) is False:
+                    at_default = f.metadata.get("hash_default", True) is False and d[section].get(f.name, f.default) == f.default
+                    if f.metadata.get("hash", True) is False or at_default:
                         d[section].pop(f.name, None)
         return d
 
@@ -523,9 +551,26 @@ def _validate_cross(cfg: Config) -> None:
                 f"a held-out split (> 0 or -1) for budgeted evaluation ({', '.join(wants)}): its thresholds are calibrated on held-out data. "
                 "For anytime evaluation only, add eval.num_budgets=0 eval.p_grid=false",
             )
+    _check_soft_targets(cfg)
     ms = cfg.optim.milestones
     if any(not 0 < m < 1 for m in ms) or ms != sorted(ms):
         raise ConfigError("optim.milestones", ms, "increasing fractions of the epochs, each in (0, 1), e.g. [0.5, 0.75]")
+
+
+def soft_target_keys(cfg: Config) -> list[str]:
+    """The keys that make training targets class probabilities rather than class indices."""
+    on = {"data.mixup": cfg.data.mixup, "data.cutmix": cfg.data.cutmix, "optim.label_smoothing": cfg.optim.label_smoothing}
+    return [k for k, v in on.items() if v > 0]
+
+
+def _check_soft_targets(cfg: Config) -> None:
+    """MixUp, CutMix and label smoothing hand the method [B, classes] probabilities as targets; a
+    method declares that its losses take them (``soft_targets = True``: cross-entropy on
+    probabilities, and labels only through ``dynlab.recipe.hard_labels``)."""
+    keys = soft_target_keys(cfg)
+    if keys and not getattr(registry.get_method(cfg.method).cls, "soft_targets", False):
+        key = keys[0]
+        raise ConfigError(key, cfg.flat()[key], f"0 with method={cfg.method}: its losses take class indices only, not the soft targets this key makes")
 
 
 def from_dict(d: dict[str, Any]) -> Config:

@@ -287,9 +287,10 @@ DIGITS_TEST = 500
 class DigitsDataset(Dataset):
     """In-memory digits: ``images`` [N, 1, S, S] in [0, 1]; normalised (and augmented) per item."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, augment: bool, pad: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, augment: bool, pad: int, auto=None, erase=None):
         self.images, self.labels = images, labels
         self.mean, self.std, self.augment, self.pad = mean, std, augment, pad
+        self.auto, self.erase = auto, erase  # data.auto_augment on the [0, 1] image, data.random_erasing on the normalised one
 
     @property
     def targets(self):
@@ -304,7 +305,11 @@ class DigitsDataset(Dataset):
             s, p = x.shape[-1], self.pad
             dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
             x = F.pad(x, (p, p, p, p))[:, dy:dy + s, dx:dx + s]  # zero = background ink level
+        if self.augment and self.auto is not None:
+            x = self.auto(x)
         x = ((x - self.mean) / self.std).repeat(3, 1, 1)
+        if self.augment and self.erase is not None:
+            x = self.erase(x)
         return x, int(self.labels[i])
 
 
@@ -341,7 +346,8 @@ def _build_digits(cfg: DataConfig, seed: int) -> DataBundle:
     # hard-coded (about mean 0.19, std 0.30 at 32x32).
     mean, std = float(tr_x.mean()), float(tr_x.std())
     pad = max(1, round(2 * size / 32))
-    train_aug = DigitsDataset(tr_x, tr_y, mean, std, augment=cfg.augment, pad=pad)
+    auto, erase = recipe_augmentations(cfg)
+    train_aug = DigitsDataset(tr_x, tr_y, mean, std, augment=cfg.augment, pad=pad, auto=auto[0] if auto else None, erase=erase[0] if erase else None)
     train_eval = DigitsDataset(tr_x, tr_y, mean, std, augment=False, pad=pad)
     test = DigitsDataset(te_x, te_y, mean, std, augment=False, pad=pad)
     info = replace(STATIC_INFO["digits"], image_size=size)
@@ -374,8 +380,21 @@ class _ResizeIfNeeded:
         return f"ResizeIfNeeded(size={self.size})"
 
 
-def _small_transforms(size: int, stats, augment: bool, resize: bool):
-    """CIFAR-style: (resize,) random crop with 1/8 padding + horizontal flip; eval: (resize,) tensor."""
+def recipe_augmentations(cfg: DataConfig | None) -> tuple[list, list]:
+    """``data.auto_augment`` (on the image after crop and flip) and ``data.random_erasing`` (on the
+    normalised tensor, noise-filled as DeiT's 'pixel' mode), as torchvision.transforms.v2 lists."""
+    from torchvision.transforms import v2
+
+    if cfg is None:
+        return [], []
+    auto = {"none": [], "randaugment": [v2.RandAugment()], "trivialaugment": [v2.TrivialAugmentWide()]}[cfg.auto_augment]
+    erase = [v2.RandomErasing(p=cfg.random_erasing, value="random")] if cfg.random_erasing > 0 else []
+    return auto, erase
+
+
+def _small_transforms(size: int, stats, augment: bool, resize: bool, cfg: DataConfig | None = None):
+    """CIFAR-style: (resize,) random crop with 1/8 padding + horizontal flip (+ the recipe's
+    augmentations of ``cfg``); eval: (resize,) tensor."""
     from torchvision import transforms as T
 
     pre = [_ResizeIfNeeded(size)] if resize else []
@@ -383,19 +402,22 @@ def _small_transforms(size: int, stats, augment: bool, resize: bool):
     ev = T.Compose(pre + post)
     if not augment:
         return ev, ev
-    tr = T.Compose(pre + [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()] + post)
+    auto, erase = recipe_augmentations(cfg)
+    tr = T.Compose(pre + [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()] + auto + post + erase)
     return tr, ev
 
 
-def _large_transforms(size: int, stats, augment: bool):
-    """ImageNet-style: RandomResizedCrop + flip; eval: Resize(size*256/224) + CenterCrop."""
+def _large_transforms(size: int, stats, augment: bool, cfg: DataConfig | None = None):
+    """ImageNet-style: RandomResizedCrop + flip (+ the recipe's augmentations of ``cfg``); eval:
+    Resize(size*256/224) + CenterCrop."""
     from torchvision import transforms as T
 
     post = [T.ToTensor(), T.Normalize(*stats)]
     ev = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] + post)
     if not augment:
         return ev, ev
-    tr = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + post)
+    auto, erase = recipe_augmentations(cfg)
+    tr = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + auto + post + erase)
     return tr, ev
 
 
@@ -448,7 +470,7 @@ def _build_cifar(cfg: DataConfig, seed: int) -> DataBundle:
         raise DataError(f"{where}: downloading {title} failed ({e}). Point data.root at an existing copy.") from e
 
     size = cfg.image_size or 32
-    tr_t, ev_t = _small_transforms(size, CIFAR_STATS[name], cfg.augment, resize=size != 32)
+    tr_t, ev_t = _small_transforms(size, CIFAR_STATS[name], cfg.augment, resize=size != 32, cfg=cfg)
     if name == "cifar100":
         train_ds.coarse_targets = read_coarse_labels(folder, "train")
         test_ds.coarse_targets = read_coarse_labels(folder, "test")
@@ -875,9 +897,9 @@ def _build_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
         index = _imagefolder_index(cfg)
     size, small = _input_size(cfg, index)
     if small:
-        tr_t, ev_t = _small_transforms(size, IMAGENET_STATS, cfg.augment, resize=True)
+        tr_t, ev_t = _small_transforms(size, IMAGENET_STATS, cfg.augment, resize=True, cfg=cfg)
     else:
-        tr_t, ev_t = _large_transforms(size, IMAGENET_STATS, cfg.augment)
+        tr_t, ev_t = _large_transforms(size, IMAGENET_STATS, cfg.augment, cfg=cfg)
     train_samples = [(str(index.base / name), y) for name, y in index.train]
     test_samples = [(str(index.base / name), y) for name, y in index.test]
     train_aug = ImageFolderDataset(train_samples, index.classes, tr_t)

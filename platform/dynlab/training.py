@@ -59,18 +59,25 @@ def import_plugins(modules: list[str]) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg, method=None) -> torch.optim.Optimizer:
-    """SGD over the model. A method may split its parameters into groups with their own settings
-    (``method.param_groups(model)`` -> ``[{"params": [...], "lr_scale": 0.1, "weight_decay": 0}, ...]``,
-    e.g. DMNN's gate layers); the schedule then scales every group's learning rate alike."""
+    """SGD (``optim.name=sgd``) or AdamW over the model. A method may split its parameters into
+    groups with their own settings (``method.param_groups(model)`` -> ``[{"params": [...],
+    "lr_scale": 0.1, "weight_decay": 0}, ...]``, e.g. DMNN's gate layers); the schedule then scales
+    every group's learning rate alike. AdamW splits each group again: no weight decay on norms,
+    biases, embeddings and position / class tokens (:func:`dynlab.recipe.no_weight_decay`), as DeiT."""
     o = cfg.optim
     groups = method.param_groups(unwrap(model)) if hasattr(method, "param_groups") else [{"params": list(model.parameters())}]
     groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": o.lr * g.get("lr_scale", 1.0)} for g in groups]
+    if o.name == "adamw":
+        from dynlab import recipe
+
+        return torch.optim.AdamW(recipe.split_weight_decay(unwrap(model), groups, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
 
 
 def lr_factor(epoch: int, cfg) -> float:
     """Learning-rate multiplier for a 0-based epoch: optional linear warm-up, then the schedule.
-    Milestones are fractions of the epochs (0.5, 0.75 = the papers' 150/225 of 300)."""
+    Milestones are fractions of the epochs (0.5, 0.75 = the papers' 150/225 of 300); the cosine
+    decays from the full rate towards ``optim.min_lr`` (0 by default)."""
     o, epochs = cfg.optim, cfg.run.epochs
     if epoch < o.warmup_epochs:
         return (epoch + 1) / (o.warmup_epochs + 1)
@@ -78,7 +85,8 @@ def lr_factor(epoch: int, cfg) -> float:
         return 1.0
     if o.schedule == "cosine":
         span = max(1, epochs - o.warmup_epochs)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+        floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
     return o.gamma ** sum(epoch >= m for m in milestone_epochs(o.milestones, epochs))
 
 
@@ -182,6 +190,8 @@ class Loop:
     logged_epochs: set[int] = field(default_factory=set)  # epochs already in the MLflow run
     best_saved: tuple[int, Path] | None = None  # (best epoch, its best.pt in the latest local checkpoint): linked, not re-written, while unchanged
     tune_trial: bool = False  # in-process in a Tune trial: Ray forbids ray.train.* there; epochs go to Tune via ray.tune.report
+    ema: Any = None  # run.ema_decay > 0: an AveragedModel of the (unwrapped) model, updated after every step
+    mix: Any = None  # MixUp / CutMix / label smoothing: (images, labels) -> (images, soft targets), or None
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -278,7 +288,17 @@ def build_loop(cfg, rank: int = 0, world: int = 1, device: torch.device | None =
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     amp_dtype = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
+    from dynlab import recipe
+
+    loop = Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
+    loop.ema = recipe.make_ema(model, cfg.run.ema_decay) if cfg.run.ema_decay > 0 else None
+    loop.mix = recipe.batch_targets(cfg, bundle.info.num_classes)
+    return loop
+
+
+def eval_model(loop: Loop) -> torch.nn.Module:
+    """The weights held-out scoring and model selection use: the EMA's with ``run.ema_eval``."""
+    return loop.ema.module if loop.ema is not None and loop.cfg.run.ema_eval else unwrap(loop.model)
 
 
 def _rank_and_world(payload: dict[str, Any]) -> tuple[int, int]:
@@ -332,6 +352,8 @@ def resume(loop: Loop, state: dict, best_state: dict) -> None:
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
+    if loop.ema is not None and "ema" in state:
+        loop.ema.load_state_dict(state["ema"])
     loop.start_epoch, loop.best_score, loop.best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
     loop.best_state, loop.history = best_state, list(state.get("history", []))
     if loop.rank != 0:
@@ -419,12 +441,16 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
     hook = getattr(loop.method, "on_epoch_start", None)  # e.g. DMNN's gate warm-up and annealing
     if hook is not None:
         hook(unwrap(loop.model), epoch, cfg.run.epochs)
+        if loop.ema is not None:  # attributes the hook sets (not weights) are the EMA copy's too
+            hook(loop.ema.module, epoch, cfg.run.epochs)
     loop.model.train()
     sums: dict[str, torch.Tensor] = {}
     seen, last_note = 0, time.time()
     watch = LossWatch(device)
     for step, (images, targets) in enumerate(loader):
         images, targets = to_device(images, device, fmt), targets.to(device, non_blocking=True)
+        if loop.mix is not None:  # MixUp / CutMix / label smoothing: soft targets
+            images, targets = loop.mix(images, targets)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
             metrics = loop.method.train_step(loop.model, (images, targets), backward)
@@ -434,6 +460,8 @@ def train_one_epoch(loop: Loop, loader, sampler, epoch: int, t0: float) -> dict[
             torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.run.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if loop.ema is not None:
+            loop.ema.update_parameters(unwrap(loop.model))
         n = targets.shape[0]
         seen += n
         for k, v in metrics.items():  # summed on the device: no host sync per step
@@ -535,7 +563,7 @@ def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], floa
     set is never looked at."""
     if not len(loop.bundle.heldout):
         return {}, float(epoch)
-    correct, count, rate_sum = _heldout_counts(loop.method, unwrap(loop.model), shard, loop.cfg, loop.device, loop.amp_dtype)
+    correct, count, rate_sum = _heldout_counts(loop.method, eval_model(loop), shard, loop.cfg, loop.device, loop.amp_dtype)
     if loop.world > 1:
         for t in (correct, count) if rate_sum is None else (correct, count, rate_sum):
             dist.all_reduce(t)
@@ -556,7 +584,7 @@ def score_heldout(loop: Loop, shard, epoch: int) -> tuple[dict[str, float], floa
 def update_best(loop: Loop, score: float, epoch: int) -> None:
     if score > loop.best_score:
         loop.best_score, loop.best_epoch = score, epoch
-        loop.best_state = {k: v.detach().cpu().clone() for k, v in unwrap(loop.model).state_dict().items()}
+        loop.best_state = {k: v.detach().cpu().clone() for k, v in eval_model(loop).state_dict().items()}
 
 
 def log_epoch(loop: Loop, metrics: dict[str, Any]) -> None:
@@ -584,6 +612,8 @@ def save_checkpoint(loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
         "best_epoch": loop.best_epoch,
         "history": loop.history,
     }
+    if loop.ema is not None:
+        state["ema"] = loop.ema.state_dict()
     if loop.local_root is None:
         with tempfile.TemporaryDirectory() as d:
             folder = Path(d) / "checkpoint"
