@@ -236,6 +236,17 @@ ROWS += [
     ("reproduce_dmnn", ["dmnn_resnet.controller_prev=maybe"], ["'dmnn_resnet.controller_prev' = 'maybe'", "true or false"]),
     ("reproduce", ["scale=paper", "data.name=synthetic", "data.heldout=-1", "repro.only=[cifar100-msdnet]", "data.train_subset=5"], ["'data.train_subset' = 5", "at least one image per class (10 classes)"]),
 ]
+ROWS += [  # the training-recipe keys (dynlab.recipe)
+    ("train", ["optim.name=adam"], ["'optim.name' = 'adam'", "one of sgd, adamw"]),
+    ("train", ["data.mixup=-0.2"], ["'data.mixup' = -0.2", ">= 0.0"]),
+    ("train", ["method=adn", "preset=adn-vit-cifar", "data.cutmix=1"], ["'data.cutmix' = 1.0", "0 with method=adn", "class indices only"]),
+    ("train", ["optim.label_smoothing=1"], ["'optim.label_smoothing' = 1.0", "< 1"]),
+    ("train", ["optim.min_lr=0.001"], ["'optim.min_lr' = 0.001", "0 with optim.schedule=multistep"]),
+    ("train", ["data.auto_augment=autoaugment"], ["'data.auto_augment' = 'autoaugment'", "one of none, randaugment, trivialaugment"]),
+    ("train", ["data.random_erasing=0.25", "data.augment=false"], ["'data.random_erasing' = 0.25", "0 with data.augment=false"]),
+    ("train", ["run.ema_eval=true"], ["'run.ema_eval' = True", "false while run.ema_decay=0"]),
+    ("train", ["run.ema_decay=1"], ["'run.ema_decay' = 1.0", "< 1"]),
+]
 ROWS += RESOURCE_ROWS
 
 
