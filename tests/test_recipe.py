@@ -155,7 +155,16 @@ def test_clipping_bounds_the_grad_norm_with_soft_targets(clip):
     cfg = config.cli_config([*TINY_MSDNET, "data.train_subset=32", "data.batch_size=16", "data.heldout=50", "eval.num_budgets=0", "data.mixup=0.8", "data.cutmix=1.0", "optim.label_smoothing=0.1", f"run.grad_clip={clip}"])
     loop = training.build_loop(cfg)
     sampler, loader, _ = training.make_loaders(loop)
+    mix, soft = loop.mix, []
+
+    def seen(images, labels):  # the loop's batches, recorded on the way to the method
+        out = mix(images, labels)
+        soft.append(out[1])
+        return out
+
+    loop.mix = seen
     metrics = training.train_one_epoch(loop, loader, sampler, 0, 0.0)
+    assert len(soft) == 2 and all(t.shape == (16, 10) for t in soft)
     assert math.isfinite(metrics["train/loss"]) and 0 <= metrics["train/acc_exit0"] <= 100
     norm = _grad_norm(loop.model)
     assert norm <= clip * (1 + 1e-4) if clip else norm > 1e-2
@@ -189,3 +198,6 @@ def test_adn_vit_trains_with_the_recipe_and_saves_its_ema(in_tmp):
     assert state["best_epoch"] == 0  # run.select=last: best.pt holds the last epoch's EMA weights, not the raw ones
     assert best.keys() == state["model"].keys() and all(torch.equal(best[k], ema[k]) for k in best)
     assert not all(torch.equal(best[k], state["model"][k]) for k in best)
+    again = training.build_loop(cfg)  # a resumed run carries the average on, not a fresh one
+    training.resume(again, state, best)
+    assert int(again.ema.n_averaged) == 2 and all(torch.equal(v, ema[k]) for k, v in again.ema.module.state_dict().items())

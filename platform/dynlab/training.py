@@ -292,6 +292,8 @@ def build_loop(cfg, rank: int = 0, world: int = 1, device: torch.device | None =
 
     loop = Loop(cfg, rank, world, device, tracker, bundle, method, model, optimizer, scheduler, scaler, amp_dtype, local_root)
     loop.ema = recipe.make_ema(model, cfg.run.ema_decay) if cfg.run.ema_decay > 0 else None
+    if loop.ema is not None and cfg.run.compile:  # the copy is not compiled (deepcopy drops it)
+        loop.ema.module.compile()
     loop.mix = recipe.batch_targets(cfg, bundle.info.num_classes)
     return loop
 
