@@ -47,6 +47,10 @@ Datasets (``data.name``):
 * ``synthetic``: seeded random images, generated lazily and deterministically per index (so any
   size costs no memory), with class-dependent low-frequency patterns so models can learn them.
 
+Training images (of every dataset but synthetic, with ``data.augment``) can also get
+``data.auto_augment`` (RandAugment or TrivialAugmentWide after the crop and flip) and
+``data.random_erasing`` (on the normalised tensor), both torchvision.transforms.v2.
+
 All paths are made absolute, as Ray workers change directory.
 """
 

@@ -7,7 +7,9 @@ checkpoints, progress and logging (rank 0 only). The method supplies ``build_mod
 
 ``run.init_from`` (IMTA's phase II: a phase-I checkpoint) is loaded before epoch 0 unless the run
 resumes. Checkpoints (one per epoch, rank 0) hold ``state.pt`` (model, optimiser, schedule, scaler, epoch,
-best score) and ``best.pt`` (weights of the epoch with the best held-out score). A run restarted
+best score; the EMA with ``run.ema_decay``) and ``best.pt`` (weights of the epoch with the best
+held-out score: the EMA's with ``run.ema_eval``). The recipe pieces (AdamW, MixUp / CutMix / label
+smoothing, EMA) are :mod:`dynlab.recipe`. A run restarted
 under the same ``run.name`` resumes from the latest one. Model selection uses the held-out split
 only, never the test set.
 """
