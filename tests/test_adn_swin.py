@@ -13,9 +13,9 @@ from methods.backbones.adn_swin import ADNSwin
 from tests.published import adn_release_macs
 
 
-def small(depths=(2, 2, 6, 2)):
+def small(depths=(2, 2, 6, 2), **kw):
     torch.manual_seed(0)
-    return ADNSwin(2, 8, list(depths), [1, 1, 2, 2], 4, 10, image_size=32)
+    return ADNSwin(2, 8, list(depths), [1, 1, 2, 2], 4, 10, image_size=32, **kw)
 
 
 def executed(model, skip) -> list[int]:
@@ -70,3 +70,20 @@ def test_the_adn_method_trains_a_small_swin():
     assert len(calls) == 2
     preds = method.predict(model.eval(), x)
     assert preds.logits.shape == (16, 4, 10) and preds.costs[0] < preds.costs[-1]
+
+
+def test_stochastic_depth_drops_blocks_of_the_super_net_only():
+    """The paper turns stochastic depth off for the base-net only: in train mode two passes of the
+    base-net give the same output, two of the super-net do not (blocks randomly dropped)."""
+    model = small(stochastic_depth_prob=0.9).train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        base = model(x, skip="TTTT")
+        assert torch.equal(model(x, skip="TTTT"), base)
+        assert not torch.equal(model(x, skip="FFFF"), model(x, skip="FFFF"))
+        # in a mixed sub-network only the skipped stage runs without it: the kept stages still drop
+        assert not torch.equal(model(x, skip="TTTF"), model(x, skip="TTTF"))
+    last = model.features[model.stage_index[-1]][0]
+    assert last.stochastic_depth.p > 0.8  # restored after every skipped pass
+    assert config.resolve(["method=adn", "preset=adn-swin-t"]).backbone_cfg.stochastic_depth_prob == 0.1  # the authors' swin_t

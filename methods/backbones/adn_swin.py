@@ -1,8 +1,10 @@
 """ADN Swin Transformer: torchvision's SwinTransformer (modules and state-dict layout unchanged),
 every stage split by the ResNet rule (Swin-T: mandatory [1,1,3,1] of [2,2,6,2]; REFERENCE.md
-section 6), skip-aware LayerNorm in the mandatory blocks of a skipped stage. Stochastic depth is
-off by default: the paper disables it for the base-net, since randomly dropping blocks conflicts
-with skipping sub-paths.
+section 6), skip-aware LayerNorm in the mandatory blocks of a skipped stage. Stochastic depth
+(``stochastic_depth_prob``, 0.1 as in the authors' swin_t) drops blocks of the super-net only: the
+paper disables it for the base-net, since randomly dropping blocks conflicts with skipping
+sub-paths; the authors' block runs without it whenever its stage is skipped (wchkang/depth
+models/swin_transformer.py, SwinTransformerBlock.forward, "No stochastic depths for base-net").
 ``load_torchvision(state_dict)`` loads a torchvision checkpoint into the super-net, the
 skip-aware norms starting as copies of the loaded ones (adn_base.load_torchvision).
 
@@ -13,6 +15,7 @@ matmuls, so it is :class:`CountedWindowAttention` (same layout, a ``macs`` metho
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -39,6 +42,20 @@ class CountedWindowAttention(ShiftedWindowAttention):
 
     def unhooked_params(self) -> int:
         return sum(p.numel() for m in (self.qkv, self.proj) for p in m.parameters())
+
+
+@contextlib.contextmanager
+def no_stochastic_depth(block: nn.Module, active: bool):
+    """While open (and ``active``), ``block`` runs without stochastic depth (drop probability 0)."""
+    if not active:
+        yield
+        return
+    sd = block.stochastic_depth
+    p, sd.p = sd.p, 0.0
+    try:
+        yield
+    finally:
+        sd.p = p
 
 
 class ADNSwin(SubnetCosts, TorchvisionWeights, SwinTransformer):
@@ -70,7 +87,7 @@ class ADNSwin(SubnetCosts, TorchvisionWeights, SwinTransformer):
                 x = self.features[i - 1](x)  # patch merging before every stage but the first
             blocks = list(self.features[i])
             for b in blocks[:m] if skip[s] else blocks:
-                with skip_norms_in(b, skip[s] and self.skip_aware_norms):
+                with skip_norms_in(b, skip[s] and self.skip_aware_norms), no_stochastic_depth(b, skip[s]):
                     x = b(x)
             features.append(x.permute(0, 3, 1, 2))  # channels first, as the KD expects
         x = self.flatten(self.avgpool(self.permute(self.norm(x))))
@@ -86,7 +103,7 @@ class ADNSwinConfig:
     depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2], metadata={"help": "blocks per stage, each >= 2"})
     num_heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     window_size: int = bounded(4, 1)
-    stochastic_depth_prob: float = bounded(0.0, 0.0, 1.0)
+    stochastic_depth_prob: float = bounded(0.1, 0.0, 1.0, help="stochastic depth of the last block (linear in depth), super-net only (authors' swin_t: 0.1)")
 
     def validate(self, section: str) -> None:
         if not self.depths or any(n < 2 for n in self.depths):
