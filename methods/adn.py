@@ -1,17 +1,23 @@
 """ADN (Kang et al., "Adaptive Depth Networks with Skippable Sub-Paths"): one network, 2^stages
 sub-networks chosen at test time (REFERENCE.md section 6; paper 004).
 
-Training step (paper Algorithm 1, in the two-backward form the paper uses under DDP):
-1. super-net (no stage skipped): CE(logits, y), first ``backward``;
+Training step (paper Algorithm 1 in the two-backward form the paper uses under DDP, as the authors'
+code does it: wchkang/depth train_adn.py, train_one_epoch_twobackward):
+1. super-net (no stage skipped): ``alpha * CE(logits, y)``, first ``backward``;
 2. base-net (every stage skipped): with self-distillation (``distill=true``)
-   ``kd_lambda * (logit_weight * KL_T(logits) + feature_weight * sum_s KL_T(stage features))``,
-   teacher = the super-net's outputs, detached; without it (the paper's ablation) CE(logits, y);
-   second ``backward``. The platform then takes one optimizer step.
+   ``(1 - alpha) * kd_lambda * (KL_T(logits) + feature_weight * sum_s KL_T(pooled stage s))``,
+   teacher = the super-net's outputs, detached; without it (the paper's Table 4 ablation; the
+   authors' ``..._no_kd`` step) ``(1 - alpha) * CE(logits, y)``; second ``backward``. The platform
+   then takes one optimizer step, so the gradient is that of the sum of both losses. alpha = 0.5
+   (paper section 4.1; authors' ``--subpath-alpha``), kd_lambda = feature_weight = 1 (authors).
 
-KL_T(t, s) = T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over rows. For logits a row is a
-sample (``topk`` > 0 keeps only the teacher's k most likely classes, as the reference code does
-with 500 on ImageNet); for stage features [B,C,H,W] a row is one position's channel vector
-(our reading of the paper's Eq. 2: the distribution of the features over channels at each place).
+KL_T(t, s) = T^2 * KL(softmax(t/T) || softmax(s/T)) summed over the last axis and averaged over the
+batch (torch's KLDivLoss ``batchmean``, as the authors use it). Logits: over the teacher's top-k
+classes (``topk``; the authors take 500, written for ImageNet's 1000; k >= classes keeps them all).
+Stage features: each stage output [B, C, ...] is global-average-pooled to [B, C] and the KL is over
+channels (the authors' IntermediateLayerGetter in models/_utils_fpn.py), on the stages
+``feature_stages`` (1-based; empty = the authors' choice: stages 1..S-1 of a ResNet, i.e.
+layer1-layer3; none on the other backbones, for which their code extracts no features).
 
 ``run.init_from``: a dynlab ADN checkpoint of the same network (loaded strictly), or a torchvision
 state dict of the architecture (e.g. ImageNet weights of resnet50): it loads into the super-net and
@@ -35,39 +41,55 @@ from methods.backbones import adn_mobilenetv2, adn_resnet, adn_swin, adn_vit  # 
 from methods.backbones.adn_base import SKIP_NORMS, load_torchvision, subnet_names, torchvision_mismatches
 
 
+# Stages (0-based) whose outputs the authors' code distills, by backbone and stage count: ResNet's
+# layer1-layer3 (train_adn.py at the release f24b7b5, line 323; their later commit moved it to
+# layer2-layer4 "for rtdetr", a detector); the other backbones have none ("fpn is only supported for
+# resnet models"): their base-nets learn from the logits only.
+AUTHORS_FEATURE_STAGES = {"adn_resnet": lambda stages: list(range(stages - 1))}
+
+
 @dataclass
 class ADNConfig:
     distill: bool = field(default=True, metadata={"help": "skip-aware self-distillation; false: the base-net is trained with CE (ablation)"})
     skip_aware_norms: bool = field(default=True, metadata={"help": "second set of norms in mandatory blocks, used when the stage is skipped"})
-    kd_lambda: float = bounded(1.0, 0.0, help="weight of the distillation terms of the base-net loss")
-    temperature: float = bounded(1.0, 1e-3, help="KD temperature T (reference: 1)")
-    logit_weight: float = bounded(0.5, 0.0, help="weight of logit KD inside the distillation term (reference: 0.5)")
-    feature_weight: float = bounded(0.5, 0.0, help="weight of stage-feature KD (paper Eq. 2; reference: 0.5)")
-    topk: int = bounded(0, 0, help="logit KD over the teacher's top-k classes only; 0 = all classes")
+    alpha: float = bounded(0.5, 0.0, 1.0, help="super-net CE weighted alpha, the base-net's loss 1 - alpha (paper and authors: 0.5)")
+    kd_lambda: float = bounded(1.0, 0.0, help="multiplies the base-net's distillation terms (authors: 1; the knob sweep_adn varies)")
+    temperature: float = bounded(1.0, 1e-3, help="KD temperature T (authors: 1)")
+    feature_weight: float = bounded(1.0, 0.0, help="weight of the stage-feature KD beside the logit KD (authors: 1; 0 = logits only, the paper's Table 4 last row)")
+    feature_stages: list[int] = field(default_factory=list, metadata={"help": "stages (1-based) whose pooled outputs are distilled; empty = the authors' choice (ResNet: 1..S-1; other backbones: none)"})
+    topk: int = bounded(500, 0, help="logit KD over the teacher's top-k classes (authors: 500, for ImageNet); 0 or >= classes = all classes")
     individual: str = choice("", "", "super", "base", help="baselines: train only the super-net or only the base-net, with CE; empty = ADN training")
     subnets: list[str] = field(default_factory=list, metadata={"help": "sub-networks to evaluate, e.g. [TTTT,FFFF]; empty = all 2^stages"})
 
+    def validate(self, section: str) -> None:
+        if any(s < 1 for s in self.feature_stages) or len(set(self.feature_stages)) != len(self.feature_stages):
+            raise ConfigError(f"{section}.feature_stages", self.feature_stages, "distinct stage numbers from 1 (the first stage); empty = the authors' stages")
+
 
 def kd_rows(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * mean over rows of KL(softmax(teacher/T) || softmax(student/T)); rows = last axis."""
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the last axis, averaged over rows
+    (the batch for [B, K] inputs: KLDivLoss ``batchmean``)."""
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     s = F.log_softmax(student.float() / temperature, dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
 def logit_kd(teacher: torch.Tensor, student: torch.Tensor, temperature: float, topk: int = 0) -> torch.Tensor:
+    """KL_T over the teacher's ``topk`` most likely classes of each sample (0 or >= classes: all)."""
     if 0 < topk < teacher.shape[1]:
         idx = teacher.topk(topk, dim=1).indices
         teacher, student = teacher.gather(1, idx), student.gather(1, idx)
     return kd_rows(teacher, student, temperature)
 
 
-def feature_kd(teacher: list[torch.Tensor], student: list[torch.Tensor], temperature: float) -> torch.Tensor:
-    """Sum over stages of the channel-distribution KL at every position."""
-    def rows(f):
-        return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
+def pooled(feature: torch.Tensor) -> torch.Tensor:
+    """[B, C, ...] -> [B, C]: the mean over every position (global average pooling)."""
+    return feature.float().flatten(2).mean(2)
 
-    return sum(kd_rows(rows(t), rows(s), temperature) for t, s in zip(teacher, student))
+
+def feature_kd(teacher: list[torch.Tensor], student: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Sum over the given stages of KL_T between the globally pooled features, over channels."""
+    return sum(kd_rows(pooled(t), pooled(s), temperature) for t, s in zip(teacher, student))
 
 
 def _net(model: nn.Module) -> nn.Module:
@@ -96,7 +118,19 @@ class ADN:
         entry = get_backbone(self.cfg.backbone)
         model = entry.build(self.cfg.backbone_cfg, info, skip_aware_norms=self.mcfg.skip_aware_norms)
         self.subnets(model)  # unknown sub-network names fail here, before training
+        self.feature_stages(model)  # and so do stages the network does not have
         return model
+
+    def feature_stages(self, model: nn.Module) -> list[int]:
+        """The stages (0-based) whose features the base-net distills (``feature_stages``, else the
+        authors' choice for this backbone)."""
+        n = _net(model).num_stages
+        given = self.mcfg.feature_stages
+        if any(s > n for s in given):
+            raise ConfigError(f"{self.cfg.method}.feature_stages", list(given), f"stage numbers from 1 to {n} ({self.cfg.backbone} has {n} stages)")
+        if given:
+            return [s - 1 for s in given]
+        return AUTHORS_FEATURE_STAGES.get(self.cfg.backbone, lambda _: [])(n)
 
     def init_kind(self, model: nn.Module, state, source: str) -> str:
         """``"adn"`` when ``state`` is a dynlab checkpoint of this very network (every key and
@@ -142,18 +176,23 @@ class ADN:
         stages = _net(model).num_stages
         if self.mcfg.individual:
             return self.individual_step(model, images, targets, skip=[self.mcfg.individual == "base"] * stages, backward=backward)
+        alpha = self.mcfg.alpha
         logits, feats = model(images, skip=[False] * stages, return_features=True)
-        loss_super = F.cross_entropy(logits.float(), targets)
+        ce_super = F.cross_entropy(logits.float(), targets)
+        loss_super = alpha * ce_super
         backward(ddp_safe(model, loss_super))
         teacher_logits, teacher_feats = logits.detach(), [f.detach() for f in feats]
 
         base, base_feats = model(images, skip=[True] * stages, return_features=True)
-        loss_base = self.base_loss(base, base_feats, teacher_logits, teacher_feats, targets)
+        base_term, terms = self.base_loss(model, base, base_feats, teacher_logits, teacher_feats, targets)
+        loss_base = (1 - alpha) * base_term
         backward(ddp_safe(model, loss_base))
         return {
             "loss": (loss_super + loss_base).detach(),
             "loss_super": loss_super.detach(),
             "loss_base": loss_base.detach(),
+            "ce_super": ce_super.detach(),
+            **{k: v.detach() for k, v in terms.items()},
             "acc_super": (logits.argmax(1) == targets).float().mean().detach() * 100,
             "acc_base": (base.argmax(1) == targets).float().mean().detach() * 100,
         }
@@ -164,14 +203,16 @@ class ADN:
         backward(ddp_safe(model, loss))
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == targets).float().mean().detach() * 100}
 
-    def base_loss(self, logits, feats, teacher_logits, teacher_feats, targets) -> torch.Tensor:
+    def base_loss(self, model, logits, feats, teacher_logits, teacher_feats, targets) -> tuple[torch.Tensor, dict]:
+        """The base-net's loss before its weight 1 - alpha, and its unweighted terms (for the log)."""
         c = self.mcfg
         if not c.distill:
-            return F.cross_entropy(logits.float(), targets)
-        kd = c.logit_weight * logit_kd(teacher_logits, logits, c.temperature, c.topk)
-        if c.feature_weight > 0:
-            kd = kd + c.feature_weight * feature_kd(teacher_feats, feats, c.temperature)
-        return c.kd_lambda * kd
+            ce = F.cross_entropy(logits.float(), targets)
+            return ce, {"ce_base": ce}
+        kd_logit = logit_kd(teacher_logits, logits, c.temperature, c.topk)
+        chosen = self.feature_stages(model) if c.feature_weight > 0 else []
+        kd_feature = feature_kd([teacher_feats[i] for i in chosen], [feats[i] for i in chosen], c.temperature) if chosen else torch.zeros((), device=logits.device)
+        return c.kd_lambda * (kd_logit + c.feature_weight * kd_feature), {"kd_logit": kd_logit, "kd_feature": kd_feature}
 
     @torch.no_grad()
     def predict(self, model, images) -> SubnetPredictions:
@@ -209,4 +250,4 @@ def subnet_latency(model: nn.Module, names: list[str], batch: int = 1, repeats: 
     return frame
 
 
-__all__ = ["subnet_latency", "ADN", "ADNConfig", "adn_resnet", "adn_mobilenetv2", "adn_vit", "adn_swin", "logit_kd", "feature_kd", "kd_rows"]
+__all__ = ["subnet_latency", "ADN", "ADNConfig", "adn_resnet", "adn_mobilenetv2", "adn_vit", "adn_swin", "logit_kd", "feature_kd", "kd_rows", "pooled"]

@@ -11,7 +11,7 @@ Laptop (digits, a small ADN ResNet for 32x32 inputs, CPU, 15 epochs unless epoch
 Cluster (ImageNet recipe of the paper, ResNet-50):
     ray job submit --working-dir . -- python -m pipelines.ablation_adn preset=adn-resnet50 \\
         dataset=imagefolder data.root=/mnt/efs/dynlab/data/imagenet epochs=150 optim.milestones=[0.4,0.667,0.933] \\
-        adn.topk=500 run.use_gpu=true workers=8 sweep.max_concurrent=1
+        run.use_gpu=true workers=8 sweep.max_concurrent=1
 Knobs: adn.kd_lambda, adn.temperature, adn.topk, adn.subnets=[TTTT,FFFF], eval.budgets=[...] (MMACs),
 and every training key (see --help).
 """

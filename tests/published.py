@@ -4,8 +4,9 @@ ADN's costs (GMACs per 224x224 image; the papers' "GFLOPs" are multiply-accumula
 versions that disagree on two base-nets:
 - the paper as we have it, arXiv v1 (../shared/papers/004_3723f3367b703e3b.txt, Table 1);
 - the authors' later release, the NeurIPS 2024 code (wchkang/depth, README "Model Zoo"), whose
-  MobileNetV2 and Swin-T split their stages differently. Our splits follow this release, so our
-  measured costs are compared with it; the v1 numbers are kept to say where they differ.
+  MobileNetV2 and Swin-T split their stages differently. Our default splits (presets adn-mobilenetv2,
+  adn-swin-t) follow this release; the presets adn-mobilenetv2-v1 and adn-swin-t-v1 have splits that
+  fit v1. Each preset is compared with its own source.
 """
 
 ADN_PAPER_V1 = "../shared/papers/004_3723f3367b703e3b.txt, Table 1"
@@ -20,6 +21,11 @@ ADN_COSTS = {
 }
 
 
+def adn_macs(arch: str, source: str) -> tuple[float, float]:
+    """(super-net, base-net) cost of ``arch`` in MACs, as ``source`` prints it."""
+    return tuple(g * 1e9 for g in ADN_COSTS[arch][source])
+
+
 def adn_release_macs(arch: str) -> tuple[float, float]:
-    """The release's (super-net, base-net) cost of ``arch`` in MACs: what our splits must give."""
-    return tuple(g * 1e9 for g in ADN_COSTS[arch][ADN_RELEASE])
+    """The release's (super-net, base-net) cost of ``arch`` in MACs: what our default splits must give."""
+    return adn_macs(arch, ADN_RELEASE)

@@ -93,7 +93,20 @@ def test_skip_aware_norms_keep_separate_running_statistics():
     assert not any(".skip_norms." in k for k in plain.state_dict())
 
 
-# ------------------------------------------------------------------ distillation losses, hand-computed
+# ------------------------------------------------------------------ distillation losses
+# The expected values below are the authors' definitions (wchkang/depth train_adn.py,
+# train_one_epoch_twobackward; models/_utils_fpn.py), written here with torch's own KLDivLoss and
+# adaptive_avg_pool2d, or computed by hand: never with methods.adn's functions.
+
+
+def authors_kl(student, teacher, T):
+    """criterion_kd(log_softmax(student/T), softmax(teacher/T)) * T * T, criterion_kd = KLDivLoss(batchmean)."""
+    return torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(student / T, dim=1), F.softmax(teacher / T, dim=1)) * T * T
+
+
+def authors_pool(feature):
+    """IntermediateLayerGetter's feature: adaptive_avg_pool2d to 1x1, squeezed to [B, C]."""
+    return torch.squeeze(F.adaptive_avg_pool2d(feature, (1, 1)))
 
 
 def test_logit_kd_matches_hand_computed_values():
@@ -105,15 +118,33 @@ def test_logit_kd_matches_hand_computed_values():
     # top-2 of three classes: the third (the teacher's least likely) is left out
     t3, s3 = torch.tensor([[0.0, math.log(3.0), -9.0]]), torch.tensor([[0.0, 0.0, 5.0]])
     assert logit_kd(t3, s3, 1.0, topk=2).item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-6)
+    # a batch is averaged over its samples: a second, identical pair halves the value
+    assert logit_kd(torch.cat([t, s]), torch.cat([s, s]), 1.0).item() == pytest.approx((0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2, rel=1e-6)
 
 
-def test_feature_kd_is_the_channel_distribution_kl_at_every_position_summed_over_stages():
-    # one sample, 2 channels, 1x2 positions; at position 0 teacher [0, ln3] vs student [0, 0], at position 1 equal
-    t = torch.tensor([[[[0.0, 1.0]], [[math.log(3.0), 2.0]]]])
-    s = torch.tensor([[[[0.0, 1.0]], [[0.0, 2.0]]]])
-    per_position = (0.25 * math.log(0.5) + 0.75 * math.log(1.5) + 0.0) / 2
-    assert feature_kd([t], [s], 1.0).item() == pytest.approx(per_position, rel=1e-6)
-    assert feature_kd([t, t], [s, t], 1.0).item() == pytest.approx(per_position, rel=1e-6)
+def test_logit_kd_is_the_authors_top_k_kl():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(5, 40) * 3, torch.randn(5, 40) * 3
+    top_t, idx = teacher.topk(7, 1, largest=True, sorted=True)  # the authors' outputs_full.topk(500, 1, ...)
+    assert logit_kd(teacher, student, 2.0, topk=7).item() == pytest.approx(authors_kl(student.gather(1, idx), top_t, 2.0).item(), rel=1e-5)
+    for k in (0, 40, 500):  # every class: no top-k, or k reaching the number of classes
+        assert logit_kd(teacher, student, 1.0, topk=k).item() == pytest.approx(authors_kl(student, teacher, 1.0).item(), rel=1e-5)
+
+
+def test_feature_kd_pools_each_stage_globally_then_compares_channel_distributions():
+    # sample 0: 2 channels at 1x2 positions; pooled, the teacher's channels are [0, ln3] (softmax
+    # [1/4, 3/4]) and the student's [0, 0]; sample 1 is equal in both. batchmean: half the KL.
+    t = torch.tensor([[[[0.0, 0.0]], [[math.log(3.0) - 1, math.log(3.0) + 1]]], [[[1.0, 2.0]], [[3.0, 4.0]]]])
+    s = torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]]], [[[1.0, 2.0]], [[3.0, 4.0]]]])
+    expected = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
+    assert feature_kd([t], [s], 1.0).item() == pytest.approx(expected, rel=1e-6)
+    assert feature_kd([t, t], [s, t], 1.0).item() == pytest.approx(expected, rel=1e-6)  # summed over stages
+    # the per-position KL (the form this replaced) is another number on the same input
+    per_position = sum(authors_kl(s[:1, :, 0, j], t[:1, :, 0, j], 1.0).item() for j in range(2)) / 4
+    assert abs(per_position - expected) > 0.01  # 0.087 against 0.065
+    torch.manual_seed(1)
+    ta, sa = torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4)
+    assert feature_kd([ta], [sa], 3.0).item() == pytest.approx(authors_kl(authors_pool(sa), authors_pool(ta), 3.0).item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------ the training step
@@ -133,38 +164,52 @@ def run_step(method, model, x, y):
     return metrics, losses, grads
 
 
-def test_step_calls_backward_twice_and_its_losses_equal_a_direct_computation():
-    cfg = adn_cfg("adn.kd_lambda=0.7", "adn.temperature=2", "adn.topk=4")
-    method = get_method("adn").cls(cfg)
+def stage_outputs(model, x, skip):
+    """Logits and the output of every stage of sub-network ``skip``, taken by hooks (not from the
+    model's return_features): a block's output is its ReLU's last output."""
+    outs = {}
+    last = [stage[m - 1] if letter == "T" else stage[-1] for stage, m, letter in zip(model.stages, model.mandatory, skip)]
+    handles = [b.relu.register_forward_hook(lambda mod, i, o, k=k: outs.__setitem__(k, o)) for k, b in enumerate(last)]
+    try:
+        logits = model(x, skip=skip)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, [outs[k] for k in range(len(last))]
+
+
+def step_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
+
+
+@pytest.mark.parametrize("overrides,T,k", [((), 1.0, 500), (("adn.temperature=2", "adn.topk=4"), 2.0, 4)])
+def test_step_losses_are_the_authors_two_backward_step(overrides, T, k):
+    """Defaults: 0.5 x CE(super-net), then 0.5 x (top-500 logit KD + feature KD on layer1-layer3),
+    each stage output pooled to [B, C]; the teacher detached."""
+    method = get_method("adn").cls(adn_cfg(*overrides))
     model = method.build_model(config_info())
-    torch.manual_seed(3)
-    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     model.train()
+    x, y = step_batch()
     metrics, losses, grads = run_step(method, model, x, y)
     assert len(losses) == 2
 
-    # direct computation (train-mode outputs do not depend on running statistics)
-    t_logits, t_feats = model(x, skip="FFFF", return_features=True)
-    s_logits, s_feats = model(x, skip="TTTT", return_features=True)
-    assert losses[0].item() == pytest.approx(F.cross_entropy(t_logits, y).item(), rel=1e-5)
-    T = 2.0
-    top = t_logits.topk(4, dim=1).indices
-    kl_logits = F.kl_div(F.log_softmax(s_logits.gather(1, top) / T, 1), F.log_softmax(t_logits.gather(1, top) / T, 1), log_target=True, reduction="batchmean") * T * T
-    kl_feats = 0.0
-    for a, b in zip(t_feats, s_feats):
-        rows = a.shape[0] * a.shape[2] * a.shape[3]
-        kl_feats = kl_feats + F.kl_div(F.log_softmax(b / T, 1), F.log_softmax(a / T, 1), log_target=True, reduction="sum") / rows * T * T
-    direct = 0.7 * (0.5 * kl_logits + 0.5 * kl_feats)
-    assert losses[1].item() == pytest.approx(direct.item(), rel=1e-4)
-    assert metrics["loss"].item() == pytest.approx(losses[0].item() + losses[1].item(), rel=1e-5)
+    # train-mode outputs do not depend on running statistics: recomputing them gives the same values
+    t_logits, t_stages = stage_outputs(model, x, "FFFF")
+    s_logits, s_stages = stage_outputs(model, x, "TTTT")
+    loss_full = 0.5 * torch.nn.CrossEntropyLoss()(t_logits, y)
+    top_t, idx = t_logits.topk(min(k, 10), 1, largest=True, sorted=True)
+    loss_softmax_kd = authors_kl(s_logits.gather(1, idx), top_t.detach(), T)
+    loss_feature_kd = sum(authors_kl(authors_pool(s), authors_pool(t).detach(), T) for t, s in zip(t_stages[:3], s_stages[:3]))  # layer1-layer3
+    loss_kd = 0.5 * (loss_softmax_kd + loss_feature_kd)
+    assert losses[0].item() == pytest.approx(loss_full.item(), rel=1e-5)
+    assert losses[1].item() == pytest.approx(loss_kd.item(), rel=1e-4)
+    assert metrics["loss"].item() == pytest.approx(loss_full.item() + loss_kd.item(), rel=1e-4)
 
-    # KD gradients do not reach the teacher: the second backward's gradients equal those of the
-    # direct loss with the teacher held constant, and leave the skippable blocks untouched
+    # the second backward's gradients are those of loss_kd with the teacher held constant, and
+    # leave the skippable blocks untouched
     model.zero_grad(set_to_none=True)
-    t_const = [v.detach() for v in (t_logits, *t_feats)]
-    kl_l = F.kl_div(F.log_softmax(s_logits.gather(1, top) / T, 1), F.log_softmax(t_const[0].gather(1, top) / T, 1), log_target=True, reduction="batchmean") * T * T
-    kl_f = sum(F.kl_div(F.log_softmax(b / T, 1), F.log_softmax(a / T, 1), log_target=True, reduction="sum") / (a.shape[0] * a.shape[2] * a.shape[3]) * T * T for a, b in zip(t_const[1:], s_feats))
-    (0.7 * (0.5 * kl_l + 0.5 * kl_f)).backward()
+    loss_kd.backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads[1]) == set(expected)
     for n in expected:
@@ -174,6 +219,26 @@ def test_step_calls_backward_twice_and_its_losses_equal_a_direct_computation():
     assert "layer1.0.skip_norms.bn1.weight" not in grads[0]
 
 
+def test_feature_stages_and_weight_choose_what_the_base_net_distills():
+    method = get_method("adn").cls(adn_cfg("adn.feature_stages=[4]", "adn.alpha=0.25"))
+    model = method.build_model(config_info())
+    model.train()
+    x, y = step_batch()
+    _, losses, _ = run_step(method, model, x, y)
+    t_logits, t_stages = stage_outputs(model, x, "FFFF")
+    s_logits, s_stages = stage_outputs(model, x, "TTTT")
+    assert losses[0].item() == pytest.approx(0.25 * F.cross_entropy(t_logits, y).item(), rel=1e-5)
+    expected = 0.75 * (authors_kl(s_logits, t_logits, 1.0) + authors_kl(authors_pool(s_stages[3]), authors_pool(t_stages[3]), 1.0))
+    assert losses[1].item() == pytest.approx(expected.item(), rel=1e-4)
+    logits_only = get_method("adn").cls(adn_cfg("adn.feature_weight=0"))
+    _, losses, _ = run_step(logits_only, model, x, y)
+    assert losses[1].item() == pytest.approx(0.5 * authors_kl(s_logits, t_logits, 1.0).item(), rel=1e-4)
+    with pytest.raises(ConfigError, match="adn.feature_stages"):
+        get_method("adn").cls(adn_cfg("adn.feature_stages=[5]")).build_model(config_info())
+    with pytest.raises(ConfigError, match="adn.feature_stages"):
+        adn_cfg("adn.feature_stages=[0,1]")
+
+
 def test_without_distillation_the_base_net_is_trained_with_cross_entropy():
     cfg = adn_cfg("adn.distill=false")
     method = get_method("adn").cls(cfg)
@@ -181,7 +246,9 @@ def test_without_distillation_the_base_net_is_trained_with_cross_entropy():
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     model.train()
     _, losses, _ = run_step(method, model, x, y)
-    assert losses[1].item() == pytest.approx(F.cross_entropy(model(x, skip="TTTT"), y).item(), rel=1e-5)
+    # the authors' no-KD step: 0.5 x CE(super-net), then 0.5 x CE(base-net)
+    assert losses[0].item() == pytest.approx(0.5 * F.cross_entropy(model(x, skip="FFFF"), y).item(), rel=1e-5)
+    assert losses[1].item() == pytest.approx(0.5 * F.cross_entropy(model(x, skip="TTTT"), y).item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------ predictions and costs

@@ -3,8 +3,8 @@ the gradients of one process on the whole batch.
 
 BatchNorm is put in eval mode for the comparison: in train mode each rank normalises with its own
 half-batch statistics, so no data-parallel run equals the whole batch (SyncBatchNorm would); with
-fixed statistics every loss term is a per-sample (or per-position) mean and the ranks' average is
-the whole-batch mean. DDP must be built with ``find_unused_parameters=True`` (the model says so in
+fixed statistics every loss term is a per-sample mean and the ranks' average is the whole-batch
+mean. DDP must be built with ``find_unused_parameters=True`` (the model says so in
 ``ddp_find_unused_parameters``): the super-net pass leaves the skip-aware norms unused and the
 base-net pass the skippable halves.
 """
