@@ -36,6 +36,7 @@ from torch import nn
 from dynlab.config import bounded, choice
 from dynlab.errors import ConfigError
 from dynlab.predictions import SubnetPredictions
+from dynlab.recipe import hard_labels
 from dynlab.registry import DatasetInfo, get_backbone, register_method
 from methods.backbones import adn_mobilenetv2, adn_resnet, adn_swin, adn_vit  # noqa: F401  (register the ADN backbones)
 from methods.backbones.adn_base import SKIP_NORMS, load_torchvision, subnet_names, torchvision_mismatches
@@ -109,6 +110,8 @@ def ddp_safe(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
 @register_method("adn", ADNConfig, backbones=("adn_resnet", "adn_mobilenetv2", "adn_vit", "adn_swin"))
 class ADN:
     """Super-net CE and base-net self-distillation, two backward calls; sub-network predictions."""
+
+    soft_targets = True  # its CE takes probabilities (MixUp / CutMix / label smoothing); labels only for accuracies
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -193,15 +196,15 @@ class ADN:
             "loss_base": loss_base.detach(),
             "ce_super": ce_super.detach(),
             **{k: v.detach() for k, v in terms.items()},
-            "acc_super": (logits.argmax(1) == targets).float().mean().detach() * 100,
-            "acc_base": (base.argmax(1) == targets).float().mean().detach() * 100,
+            "acc_super": (logits.argmax(1) == hard_labels(targets)).float().mean().detach() * 100,
+            "acc_base": (base.argmax(1) == hard_labels(targets)).float().mean().detach() * 100,
         }
 
     def individual_step(self, model, images, targets, skip, backward):
         logits = model(images, skip=skip)
         loss = F.cross_entropy(logits.float(), targets)
         backward(ddp_safe(model, loss))
-        return {"loss": loss.detach(), "acc": (logits.argmax(1) == targets).float().mean().detach() * 100}
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == hard_labels(targets)).float().mean().detach() * 100}
 
     def base_loss(self, model, logits, feats, teacher_logits, teacher_feats, targets) -> tuple[torch.Tensor, dict]:
         """The base-net's loss before its weight 1 - alpha, and its unweighted terms (for the log)."""

@@ -239,7 +239,9 @@ ROWS += [
 ROWS += [  # the training-recipe keys (dynlab.recipe)
     ("train", ["optim.name=adam"], ["'optim.name' = 'adam'", "one of sgd, adamw"]),
     ("train", ["data.mixup=-0.2"], ["'data.mixup' = -0.2", ">= 0.0"]),
-    ("train", ["method=adn", "preset=adn-vit-cifar", "data.cutmix=1"], ["'data.cutmix' = 1.0", "0 with method=adn", "class indices only"]),
+    ("train", ["method=adn", "preset=adn-resnet-cifar", "adn.feature_stages=[0,9]"], ["'adn.feature_stages' = [0, 9]", "distinct stage numbers from 1"]),
+    ("train", ["method=adn", "preset=adn-mobilenetv2", "adn_mobilenetv2.mandatory=[99]"], ["'adn_mobilenetv2.mandatory' = [99]", "5 block counts, each from 1 to its group's size"]),
+    ("train", ["method=dmnn", "preset=dmnn-resnet-small", "data.cutmix=1"], ["'data.cutmix' = 1.0", "0 with method=dmnn", "class indices only"]),
     ("train", ["optim.label_smoothing=1"], ["'optim.label_smoothing' = 1.0", "< 1"]),
     ("train", ["optim.min_lr=0.001"], ["'optim.min_lr' = 0.001", "0 with optim.schedule=multistep"]),
     ("train", ["data.auto_augment=autoaugment"], ["'data.auto_augment' = 'autoaugment'", "one of none, randaugment, trivialaugment"]),
