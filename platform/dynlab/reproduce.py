@@ -436,7 +436,8 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
                 x = [r[f"mmacs_{c[4:]}"] for c in cols]
                 y = [r[c] for c in cols]
                 err = [r[f"{c}_std"] if r["n_seeds"] > 1 else r[f"{c}_se"] for c in cols]
-                ax.errorbar(x, y, yerr=err, fmt="o", color=colour, capsize=2, label=f"{r['label']} exits (n={int(r['n_seeds'])})")
+                what = "" if len(cols) == 1 else " exits"  # a gated network is one point: its mean executed cost
+                ax.errorbar(x, y, yerr=err, fmt="o", color=colour, capsize=2, label=f"{r['label']}{what} (n={int(r['n_seeds'])})")
                 bcols = _point_columns(s, "budgets")
                 if bcols:
                     bx = [float(c[4:].replace("MMACs", "")) for c in bcols]
@@ -445,6 +446,7 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
         if paper is not None and "points" in paper and e.get("paper_only"):  # one point per model
             for i, (label, (cost, acc)) in enumerate(paper_points(paper).items()):
                 ax.plot([cost * paper["cost_unit"] / 1e6], [acc], "x", markersize=8, color=colours.get(label, f"C{i + 5}"), label=f"paper {label} ({paper['dataset']})")
+            ax.set_title(f"paper: {e['name']} ({paper['source'].split(' (')[0]})\nanother dataset and scale: shape only", fontsize=9)
         elif paper is not None and (same or e.get("paper_only")):
             for i, (label, values) in enumerate(paper["rows"].items()):
                 ax.plot(paper["cost"], values, "x--", color=colours.get(label, f"C{i + 5}"), alpha=0.8, label=f"paper {label} ({paper['dataset']})")
