@@ -85,7 +85,7 @@ def _smoke() -> Scale:
 
 def _laptop() -> Scale:
     # CIFAR-10 (the copy in ../shared/datasets) on a DMNN ResNet small enough for a 2-core CPU: 12
-    # trainings in about half an hour (250 images/s per core); 3 seeds so that each comparison carries its spread
+    # trainings in 66 min with another run sharing the cores; 3 seeds so that each comparison carries its spread
     data = {"data.name": "imagefolder", "data.root": "../shared/datasets/cifar10-jpg.zip", "data.train_subset": 6000, "data.heldout": 2000}
     sgd = {"optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "optim.schedule": "multistep", "optim.milestones": [0.5, 0.75], "optim.gamma": 0.1}
     return Scale(
