@@ -5,7 +5,7 @@ same ablation on ImageNet), each with our phase-II control (phase II with neithe
 paper compares its phase-II rows with "none", which had no phase II). Then the paper's numbers
 beside ours and one verdict per claim (pipelines/published/imta.yaml holds the paper's numbers).
 
-    python -m pipelines.reproduce_imta scale=smoke     # the whole DAG on synthetic data, under a minute on 2 cores
+    python -m pipelines.reproduce_imta scale=smoke     # the whole DAG on synthetic data: 9 one-epoch trainings
     python -m pipelines.reproduce_imta scale=laptop    # CIFAR-10 copy, 3 seeds, 2-core CPU: see README
     python -m pipelines.reproduce_imta scale=paper --plan repro.throughput=4e12   # the plan, no training
 Paper scale, on a GPU cluster (a running Ray head; see README "Clusters"):

@@ -140,22 +140,24 @@ def test_smoke_scale_runs_both_stages_and_reports_every_claim(in_tmp, ray_local,
 
     from dynlab import tracking
 
-    assert ri.main(["scale=smoke"]) == 0
+    # Table 2 only: its six rows are every kind of row (Table 1's three add 3 trainings, not a new
+    # path: its join by cost is the same, and its costs are pinned in test_published_imta.py)
+    assert ri.main(["scale=smoke", "repro.only=[table2-cifar100-ablation]"]) == 0
     out = capsys.readouterr().out
     client = MlflowClient(tracking.tracking_uri())
     exp = client.get_experiment_by_name(ri.EXPERIMENT)
     (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`dynlab.scale` = 'smoke'")
     folder = client.download_artifacts(parent.info.run_id, "reproduction", str(in_tmp / "artifacts"))
     claims = pd.read_csv(f"{folder}/claims.csv")
-    assert len(claims) == 1 + 7 and set(claims["verdict"]) <= {"holds", "within noise", "reversed"}
-    assert claims["paper"].str.match(r"Table [12]: |no control in the paper").all()
-    for name, rows in (("table1-cifar100", ["baseline", "IMTA"]), ("table2-cifar100-ablation", ["none", "GE", "ISC", "OFA", "GE+ISC+OFA"])):
-        t = pd.read_csv(f"{folder}/experiments/{name}.csv")  # the paper's exits beside ours, every row trained
-        paper = PUBLISHED["tables"][name]
-        assert len(t) == len(paper["cost"]) and list(t["paper MMACs"]) == paper["cost"]
-        for label in rows:
-            assert list(t[f"paper {label}"]) == paper["rows"][label] and t[label].notna().all()
-    assert pd.read_csv(f"{folder}/experiments/table2-cifar100-ablation.csv")["control"].notna().all()
+    assert len(claims) == 7 and set(claims["verdict"]) <= {"holds", "within noise", "reversed"}
+    assert (claims["paper"].str.startswith("Table 2: ") == (claims["claim"].str.contains("none"))).all()
+    assert (claims["paper"] == "no control in the paper (our row)").sum() == 3
+    t = pd.read_csv(f"{folder}/experiments/table2-cifar100-ablation.csv")  # the paper's exits beside ours, every row trained
+    paper = PUBLISHED["tables"]["table2-cifar100-ablation"]
+    assert len(t) == 5 and list(t["paper MMACs"]) == paper["cost"]
+    for label in ("none", "GE", "ISC", "OFA", "GE+ISC+OFA"):
+        assert list(t[f"paper {label}"]) == paper["rows"][label] and t[label].notna().all()
+    assert t["control"].notna().all() and t["verdict"].notna().all()
     md = open(f"{folder}/reproduction.md").read()
     assert "Table 1's 7-exit MSDNet is not among" in md and "Nesterov" in md
     assert "ISC >= control at every exit (table2-cifar100-ablation)" in out
