@@ -99,7 +99,8 @@ class TwoStages:
     """How a pipeline trains in two stages (IMTA: phase I, then phase II from phase I's weights): a
     row without ``start`` is a first-stage trial, ``first(cfg, row's keys)`` -> its keys; a row with
     ``start`` a second-stage one, ``second(cfg, the trial of the same experiment and seed it starts
-    from, row's keys)`` -> its keys (``cfg``: the row's resolved config); ``stages(trials)`` -> the
+    from, row's keys)`` -> its keys (``cfg``: the experiment's config for that seed, without the
+    row's keys, which the returned keys end with); ``stages(trials)`` -> the
     :class:`dynlab.pipeline.Stage` s to run; ``checked(cfg, trials)`` -> the configs the preflight
     checks (a second-stage trial's weights do not exist before its first stage has run)."""
 
