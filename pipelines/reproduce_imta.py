@@ -81,7 +81,8 @@ def _smoke() -> Scale:
 
 def _laptop() -> Scale:
     # CIFAR-10 (the copy in ../shared/datasets) on the default 4-exit MSDNet: 6 phase-I and 12
-    # phase-II trainings (3 seeds) in about 35 minutes on a 2-core CPU; Table 1's comparison is the
+    # phase-II trainings (3 seeds), sized from a phase-I epoch (42 s on one core) to about 35 minutes
+    # on an idle 2-core CPU (71 measured beside another run: README); Table 1's comparison is the
     # ablation's none against GE+ISC+OFA (the 7-exit MSDNet costs 12 x as much per image)
     data = {"data.name": "imagefolder", "data.root": "../shared/datasets/cifar10-jpg.zip", "data.train_subset": 10000, "data.heldout": 2000}
     return Scale(
