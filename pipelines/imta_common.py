@@ -52,18 +52,19 @@ def phase2_overrides(cfg, start: sweeps.Trial, row: dict) -> dict:
     return {"imta.phase": 2, "run.epochs": epochs, "run.init_from": init, **ge, **_defaults(cfg, unused), **row}
 
 
-def shared_budgets(cfg):
+def shared_budgets(cfg, info=None):
     """``cfg`` with explicit eval.budgets when none are given: ``eval.num_budgets`` evenly inside the
     phase-I network's cost range, which every row's range contains (ISC makes later exits a little
     dearer). Each trial's own default budgets would differ, and the comparison table would then have
-    a column per trial instead of one per budget."""
+    a column per trial instead of one per budget. ``info``: the dataset's shape, when it is known
+    without reading the data."""
     if cfg.eval.budgets or cfg.eval.num_budgets == 0:
         return cfg
     from dynlab import data, registry, steps
     import torch
 
     probe = cfg.with_overrides(phase1_overrides(cfg, {}))
-    model = registry.get_method("imta").cls(probe).build_model(data.dataset_info(probe.data))
+    model = registry.get_method("imta").cls(probe).build_model(info or data.dataset_info(probe.data))
     budgets = steps.default_budgets(torch.tensor(model.cost_table.macs), cfg.eval.num_budgets)
     return cfg.with_overrides({"eval.budgets": [round(b / 1e6, 6) for b in budgets]})
 
@@ -129,3 +130,38 @@ def main(doc: str, experiment: str, trials: Callable, title: Callable, argv: lis
         return run(cfg, handle, experiment, trials(cfg), title(cfg), compare_phase1(cfg), effects)
 
     return cli.main(doc, args, body, default_experiment=experiment, plan=lambda cfg: plan(cfg, trials(cfg)))
+
+
+# ---- the reproduction's two stages (pipelines.reproduce_imta; see dynlab.reproduce.TwoStages)
+
+_BUDGETS: dict[str, list[float]] = {}
+
+
+def _budgets(cfg) -> dict:
+    """``eval.budgets`` shared by every row of an experiment (see :func:`shared_budgets`), computed
+    once per backbone and data (building the model is the cost)."""
+    from dynlab import data, reproduce
+
+    key = cfg.hash(exclude=("run", "optim", "sweep", "repro", "method", "imta"))
+    if key not in _BUDGETS:
+        kind = reproduce._dataset_kind(cfg)  # the plan reads no data (it may be on the cluster only)
+        _BUDGETS[key] = shared_budgets(cfg, data.STATIC_INFO.get(kind)).eval.budgets
+    return {"eval.budgets": _BUDGETS[key]}
+
+
+def reproduce_first(cfg, row: dict) -> dict:
+    """A reproduction row without a start: phase I (refused unless method=imta)."""
+    check_imta(cfg)
+    return {**phase1_overrides(cfg, row), **_budgets(cfg)}
+
+
+def reproduce_second(cfg, start: sweeps.Trial, row: dict) -> dict:
+    """A reproduction row that starts from row ``start``'s phase I: phase II on its weights."""
+    check_imta(cfg)
+    return {**phase2_overrides(cfg, start, row), **_budgets(cfg)}
+
+
+def two_stages():
+    from dynlab.reproduce import TwoStages
+
+    return TwoStages(reproduce_first, reproduce_second, stages, plan)

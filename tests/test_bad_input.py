@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dynlab import preflight
-from pipelines import ablation_temperature, reproduce_boostnet, reproduce_dmnn, train
+from pipelines import ablation_temperature, reproduce_boostnet, reproduce_dmnn, reproduce_imta, train
 
 TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2"]
 
@@ -235,6 +235,7 @@ ROWS += [
     ("reproduce_dmnn", ["scale=laptop", "repro.only=[table3-cifar100]"], ["'repro.only' = ['table3-cifar100']", "experiments of scale laptop: cifar10-resnet"]),
     ("reproduce_dmnn", ["dmnn_resnet.controller_prev=maybe"], ["'dmnn_resnet.controller_prev' = 'maybe'", "true or false"]),
     ("reproduce", ["scale=paper", "data.name=synthetic", "data.heldout=-1", "repro.only=[cifar100-msdnet]", "data.train_subset=5"], ["'data.train_subset' = 5", "at least one image per class (10 classes)"]),
+    ("reproduce_imta", ["method=joint"], ["'method' = 'joint'", "imta (this pipeline trains IMTA's two phases)"]),
 ]
 ROWS += [  # the training-recipe keys (dynlab.recipe)
     ("train", ["optim.name=adam"], ["'optim.name' = 'adam'", "one of sgd, adamw"]),
@@ -324,7 +325,7 @@ def assert_refused(root: Path, capsys, pipeline: str, args: list[str], fragments
     values = {**values, "tmp": str(root)}
     fill = lambda text: re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), text)  # noqa: E731
     args = [fill(a) for a in args]
-    main = {"train": train.main, "temperature": ablation_temperature.main, "reproduce": reproduce_boostnet.main, "reproduce_dmnn": reproduce_dmnn.main}[pipeline]
+    main = {"train": train.main, "temperature": ablation_temperature.main, "reproduce": reproduce_boostnet.main, "reproduce_dmnn": reproduce_dmnn.main, "reproduce_imta": reproduce_imta.main}[pipeline]
     assert main(args) == 2
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.strip()]

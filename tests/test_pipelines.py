@@ -37,7 +37,7 @@ def test_trials_set_the_values_they_name():
         assert t.id == f"gradient_rescale={m.gradient_rescale}-trainable_prev={m.trainable_prev}"
 
 
-@pytest.mark.parametrize("module", ["train", "ablation_temperature", "ablation_batch_size", "ablation_boostnet_gradients", "reproduce_boostnet", "reproduce_dmnn"])
+@pytest.mark.parametrize("module", ["train", "ablation_temperature", "ablation_batch_size", "ablation_boostnet_gradients", "reproduce_boostnet", "reproduce_dmnn", "reproduce_imta"])
 def test_help_lists_the_config_keys(module, capsys):
     mod = importlib.import_module(f"pipelines.{module}")
     assert mod.main(["--help"]) == 0

@@ -27,3 +27,12 @@ def test_every_table_has_its_source_and_rows_of_one_length():
         assert table["source"].startswith("Table"), name
         assert len({len(v) for v in table["rows"].values()}) == 1, name
     assert len(IMTA["errata"]) >= 3 and IMTA["settings"]["not_in_paper"]
+
+
+def test_costs_tables_2_and_3_do_not_print_are_marked_and_are_their_presets():
+    """Tables 2 and 3 print no costs: their cost rows are marked as ours and equal their presets'
+    measured costs at 4 significant digits (so the report's join by cost is a join by preset)."""
+    for name in ("table2-cifar100-ablation", "table3-imagenet-ablation"):
+        table = IMTA["tables"][name]
+        assert table["cost_printed"] is False and "costs not printed" in table["source"]
+        assert [float(f"{m / 1e6:.4g}") for m in preset_model(table["preset"]).cost_table.macs] == table["cost"], name

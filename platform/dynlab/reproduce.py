@@ -28,7 +28,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ class Row:
 
     label: str
     overrides: dict[str, Any]
+    start: str = ""  # two-stage pipelines (TwoStages): the row of this experiment whose first-stage training this row starts from
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Claim:
     over: str = "exits"  # exits | budgets
     at: str = "all"  # all | first | last
     source: str = ""  # where the paper says it
+    paper_says: str = ""  # the claims table's paper column where the paper's tables cannot fill it (a row the paper has not: a control)
     kind: str = "ge"  # ge | matches | routes
     threshold: float = 0.0  # routes: the least category spread
 
@@ -101,6 +103,22 @@ class Claim:
 
 
 VERDICTS = ("holds", "within noise", "reversed", "not run")
+
+
+@dataclass
+class TwoStages:
+    """How a pipeline trains in two stages (IMTA: phase I, then phase II from phase I's weights): a
+    row without ``start`` is a first-stage trial, ``first(cfg, row's keys)`` -> its keys; a row with
+    ``start`` a second-stage one, ``second(cfg, the trial of the same experiment and seed it starts
+    from, row's keys)`` -> its keys (``cfg``: the experiment's config for that seed, without the
+    row's keys, which the returned keys end with); ``stages(trials)`` -> the
+    :class:`dynlab.pipeline.Stage` s to run; ``checked(cfg, trials)`` -> the configs the preflight
+    checks (a second-stage trial's weights do not exist before its first stage has run)."""
+
+    first: Callable[[config_mod.Config, dict], dict]
+    second: Callable[[config_mod.Config, sweeps.Trial, dict], dict]
+    stages: Callable[[list[sweeps.Trial]], list[pipeline.Stage]]
+    checked: Callable[[config_mod.Config, list[sweeps.Trial]], list[config_mod.Config]]
 
 
 def load_published(path: str | Path) -> dict:
@@ -176,8 +194,11 @@ def claims_of(claims: list[Claim], experiments: list[Experiment]) -> list[Claim]
     return [c for c in claims if all(r in rows.get(c.experiment, ()) for r in c.rows)]
 
 
-def make_trials(cfg: config_mod.Config, scale: Scale, user: dict[str, Any]) -> list[sweeps.Trial]:
-    """Every trial: the scale's keys < the experiment's < the command line's < the row's < the seed."""
+def make_trials(cfg: config_mod.Config, scale: Scale, user: dict[str, Any], two: TwoStages | None = None) -> list[sweeps.Trial]:
+    """Every trial: the scale's keys < the experiment's < the command line's < the row's < the seed
+    (``two``: see :func:`make_staged_trials`)."""
+    if two is not None:
+        return make_staged_trials(cfg, scale, user, two)
     out = []
     experiments = experiments_of(cfg, scale)
     sweeps.check_size(cfg, sum(len(e.rows) for e in experiments))  # a stray sweep.repeats=100000 is refused first
@@ -193,6 +214,39 @@ def make_trials(cfg: config_mod.Config, scale: Scale, user: dict[str, Any]) -> l
                 mine = {**config_mod.normalize_keys(e.overrides), **config_mod.normalize_keys(row.overrides)}
                 out.append(sweeps.Trial(trial_id(e.name, row.label) + suffix, f"{e.name}: {row.label}", mine, c.to_dict(), c.train_hash()))
     return out
+
+
+def make_staged_trials(cfg: config_mod.Config, scale: Scale, user: dict[str, Any], two: TwoStages) -> list[sweeps.Trial]:
+    """Every trial of a two-stage pipeline: the scale's keys < the experiment's < the command line's <
+    the seed make the base a row's stage keys are computed from (``two.first`` / ``two.second``,
+    which end with the row's keys: a row's keys may need its stage, as ``imta.isc`` needs phase 2).
+    A row starts from an earlier row of its experiment, the trial of the same seed."""
+    out = []
+    experiments = experiments_of(cfg, scale)
+    sweeps.check_size(cfg, sum(len(e.rows) for e in experiments))
+    for e in experiments:
+        started: dict[tuple[str, int], sweeps.Trial] = {}  # (row label, seed) -> its trial
+        for row in e.rows:
+            if row.start and row.start not in {label for label, _ in started}:
+                raise ConfigError("Row.start", row.start, f"the label of an earlier row of experiment {e.name} (row {row.label!r})")
+            keys = config_mod.normalize_keys(row.overrides)
+            values = {**defaults_of(scale), **config_mod.normalize_keys(e.overrides), **user}
+            method, backbone = str({**values, **keys}.get("method", config_mod.Config.method)), _backbone_of({**values, **keys})
+            values = {k: _fill(v, cfg) for k, v in values.items() if _applies(k, method, backbone)}
+            for r in range(cfg.sweep.repeats):
+                seed = cfg.run.seed + r
+                c = config_mod.resolve({**values, "run.seed": seed, "run.name": cfg.run.name, "run.experiment": cfg.run.experiment})
+                extra = two.second(c, started[(row.start, seed)], keys) if row.start else two.first(c, keys)
+                c = c.with_overrides(extra)
+                suffix = f"-seed{seed}" if cfg.sweep.repeats > 1 else ""
+                out.append(sweeps.Trial(trial_id(e.name, row.label) + suffix, f"{e.name}: {row.label}", {**config_mod.normalize_keys(e.overrides), **extra}, c.to_dict(), c.train_hash()))
+                started[(row.label, seed)] = out[-1]
+    return out
+
+
+def stages_text(stages: list[pipeline.Stage]) -> str:
+    """The plan's line for a two-stage pipeline: which trials each stage trains."""
+    return "Training stages: " + " -> ".join(f"{s.step} ({len(s.trials)} trials" + (f", each from its {s.after} trial's weights" if s.after else "") + ")" for s in stages)
 
 
 # ------------------------------------------------------------------ verdicts
@@ -273,6 +327,8 @@ def claim_verdict(claim: Claim, summary: pd.DataFrame) -> dict[str, Any]:
 def paper_claim(claim: Claim, published: dict, table_of: dict[str, str] | None = None) -> str:
     """What the paper's own numbers say about a claim, where it printed them (``table_of``: the
     paper's table each experiment stands for)."""
+    if claim.paper_says:
+        return claim.paper_says
     table = published.get("tables", {}).get((table_of or {}).get(claim.experiment, claim.experiment))
     if table and "points" in table:
         return _paper_points_claim(claim, table)
@@ -680,8 +736,9 @@ def plan_text(base: config_mod.Config, scale: Scale, trials: list[sweeps.Trial],
 # ------------------------------------------------------------------ the command line
 
 
-def main(doc: str, experiment: str, scales: dict[str, Scale], claims: list[Claim], published: str | Path, title: str, argv: list[str] | None = None) -> int:
-    """``python -m pipelines.reproduce_<paper> scale=... [--plan] [key=value ...]``."""
+def main(doc: str, experiment: str, scales: dict[str, Scale], claims: list[Claim], published: str | Path, title: str, argv: list[str] | None = None, two: TwoStages | None = None) -> int:
+    """``python -m pipelines.reproduce_<paper> scale=... [--plan] [key=value ...]`` (``two``: a
+    pipeline that trains in two stages, see :class:`TwoStages`)."""
     from dynlab import cli
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -697,14 +754,15 @@ def main(doc: str, experiment: str, scales: dict[str, Scale], claims: list[Claim
         over = overridden(scale, user)
         if want_plan:
             base = config_mod.resolve({**defaults_of(scale), **user})
-            print(plan_text(base, scale, make_trials(base, scale, user), over, command))
+            trials = make_trials(base, scale, user, two)
+            print(plan_text(base, scale, trials, over, command) + ("\n" + stages_text(two.stages(trials)) if two else ""))
             return 0
     except DynlabError as err:
         print(f"error: {err}")
         return 2
 
     def body(cfg, handle, name):
-        trials = make_trials(cfg, scale, user)
+        trials = make_trials(cfg, scale, user, two)
         run_exps = experiments_of(cfg, scale)
         mine = claims_of(claims, run_exps)
         exps = [{"name": e.name, "about": e.about, "paper": e.table, "rows": [r.label for r in e.rows], "pair": pair_of(mine, e.name)} for e in run_exps]
@@ -718,13 +776,17 @@ def main(doc: str, experiment: str, scales: dict[str, Scale], claims: list[Claim
             cache=False,  # logs into this invocation's parent run
         )
         handle.set_tags({"dynlab.scale": scale.name, "dynlab.overridden": ", ".join(over) or "-"})
-        out = pipeline.run(cfg, trials, handle, experiment, f"{title} (scale={scale.name})", after_report=[step])
+        out = pipeline.run(cfg, two.stages(trials) if two else trials, handle, experiment, f"{title} (scale={scale.name})", after_report=[step])
         rep = out["dag"]["reproduce"]
         out["reproduction"] = rep
         out["epilogue"] = short(rep["claims"], rep["markdown"])
         return out
 
-    return cli.main(doc, args, body, default_experiment=experiment, plan=lambda cfg: [t.cfg() for t in make_trials(cfg, scale, user)], defaults=defaults_of(scale))
+    def checked(cfg):
+        trials = make_trials(cfg, scale, user, two)
+        return two.checked(cfg, trials) if two else [t.cfg() for t in trials]
+
+    return cli.main(doc, args, body, default_experiment=experiment, plan=checked, defaults=defaults_of(scale))
 
 
 def pair_of(claims: list[Claim], experiment: str) -> list[str] | None:
