@@ -70,7 +70,7 @@ def _paper() -> Scale:
 def _smoke() -> Scale:
     # digits: small and fast, with built-in categories (closed loops, straight strokes, open curves)
     # for the controllers' category loss and the routing statistics
-    data = {"data.name": "digits", "data.augment": False, "data.heldout": 100}
+    data = {"data.name": "digits", "data.augment": False, "data.heldout": 100, "data.train_subset": 320}
     return Scale(
         "smoke",
         "the whole DAG on digits (the small DMNN ResNet, 2 epochs: one with the gates open, one gated): checks the machinery, not the paper",
