@@ -78,11 +78,11 @@ def _smoke() -> Scale:
 def _laptop() -> Scale:
     # CIFAR-10 (the copy in ../shared/datasets) on the default 4-exit MSDNet and RANet: a 2-core CPU
     # finishes 15 trainings in under an hour; 3 seeds so that each direction carries its spread
-    data = {"data.name": "imagefolder", "data.root": "../shared/datasets/cifar10-jpg.zip", "data.train_subset": 10000, "data.heldout": 2000}
+    data = reproduce.laptop_cifar10(10000)
     return Scale(
         "laptop",
         "CIFAR-10 (10,000 training images, 2,000 held-out, the full 10,000-image test set), the default 4-exit MSDNet and RANet, 8 epochs, 3 seeds: the paper's directions at a reduced scale, not its numbers",
-        {**_SGD, **data, "run.epochs": 8, "optim.milestones": [0.5, 0.75], "data.batch_size": 64, "sweep.repeats": 3, "run.num_workers": 1, "run.cpus_per_worker": 1.0, "sweep.max_concurrent": 2},
+        {**_SGD, **data, "run.epochs": 8, "optim.milestones": [0.5, 0.75], "data.batch_size": 64, "sweep.repeats": 3},
         [
             Experiment("cifar10-msdnet", "Table 1's comparison and Fig. 6a's temperatures at laptop scale: CIFAR-10, 4-exit MSDNet", {"backbone": "msdnet"}, [BASELINE_GR, BOOSTNET, T1], paper="cifar100-msdnet"),
             Experiment("cifar10-ranet", "Table 1's RANet comparison at laptop scale: CIFAR-10, 4-exit RANet", {"backbone": "ranet"}, [BASELINE, BOOSTNET], paper="cifar100-ranet"),

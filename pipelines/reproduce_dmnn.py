@@ -86,12 +86,12 @@ def _smoke() -> Scale:
 def _laptop() -> Scale:
     # CIFAR-10 (the copy in ../shared/datasets) on a DMNN ResNet small enough for a 2-core CPU: 12
     # trainings in 66 min with another run sharing the cores; 3 seeds so that each comparison carries its spread
-    data = {"data.name": "imagefolder", "data.root": "../shared/datasets/cifar10-jpg.zip", "data.train_subset": 6000, "data.heldout": 2000}
+    data = reproduce.laptop_cifar10(6000)
     sgd = {"optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "optim.schedule": "multistep", "optim.milestones": [0.5, 0.75], "optim.gamma": 0.1}
     return Scale(
         "laptop",
         "CIFAR-10 (6,000 training images, 2,000 held-out, the full 10,000-image test set), the small DMNN ResNet (n = 2), 10 epochs (x0.1 at 5 and 7), 3 seeds: the paper's directions at a reduced scale, not its numbers",
-        {"method": "dmnn", "preset": "dmnn-resnet-small", **data, **sgd, "run.epochs": 10, "data.batch_size": 64, "sweep.repeats": 3, "run.num_workers": 1, "run.cpus_per_worker": 1.0, "sweep.max_concurrent": 2},
+        {"method": "dmnn", "preset": "dmnn-resnet-small", **data, **sgd, "run.epochs": 10, "data.batch_size": 64, "sweep.repeats": 3},
         [Experiment("cifar10-resnet", "Table 3's comparison at laptop scale: CIFAR-10, small DMNN ResNet against its dense network", {}, [dense(), *(dmnn(t) for t in (0.5, 0.6, 0.7))], paper="table3-cifar100")],
     )
 

@@ -84,11 +84,11 @@ def _laptop() -> Scale:
     # phase-II trainings (3 seeds), sized from a phase-I epoch (42 s on one core) to about 35 minutes
     # on an idle 2-core CPU (71 measured beside another run: README); Table 1's comparison is the
     # ablation's none against GE+ISC+OFA (the 7-exit MSDNet costs 12 x as much per image)
-    data = {"data.name": "imagefolder", "data.root": "../shared/datasets/cifar10-jpg.zip", "data.train_subset": 10000, "data.heldout": 2000}
+    data = reproduce.laptop_cifar10(10000)
     return Scale(
         "laptop",
         "CIFAR-10 (10,000 training images, 2,000 held-out, the full 10,000-image test set), the default 4-exit MSDNet, 8 + 5 epochs, 3 seeds: the paper's directions at a reduced scale, not its numbers",
-        {**_BASE, **data, "run.epochs": 8, "optim.milestones": [0.5, 0.75], "data.batch_size": 64, "sweep.repeats": 3, "run.num_workers": 1, "run.cpus_per_worker": 1.0, "sweep.max_concurrent": 2},
+        {**_BASE, **data, "run.epochs": 8, "optim.milestones": [0.5, 0.75], "data.batch_size": 64, "sweep.repeats": 3},
         [Experiment("cifar10-ablation", "Tables 1 and 2 at laptop scale: CIFAR-10, 4-exit MSDNet", {"backbone": "msdnet", "imta.phase2_epochs": 5}, ABLATION, paper="table2-cifar100-ablation")],
     )
 

@@ -121,6 +121,14 @@ class TwoStages:
     checked: Callable[[config_mod.Config, list[sweeps.Trial]], list[config_mod.Config]]
 
 
+def laptop_cifar10(train_subset: int, heldout: int = 2000) -> dict[str, Any]:
+    """The keys every laptop scale shares: the CIFAR-10 copy in ../shared/datasets (``train_subset``
+    training images, ``heldout`` held out, the full test set) and two trials at a time, one CPU
+    each, on a 2-core machine."""
+    return {"data.name": "imagefolder", "data.root": "../shared/datasets/cifar10-jpg.zip", "data.train_subset": train_subset, "data.heldout": heldout,
+            "run.num_workers": 1, "run.cpus_per_worker": 1.0, "sweep.max_concurrent": 2}
+
+
 def load_published(path: str | Path) -> dict:
     """The paper's numbers (see the pipeline's YAML): tables keyed by experiment name."""
     return yaml.safe_load(Path(path).read_text())
