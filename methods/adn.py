@@ -60,7 +60,7 @@ class ADNConfig:
     feature_stages: list[int] = field(default_factory=list, metadata={"help": "stages (1-based) whose pooled outputs are distilled; empty = the authors' choice (ResNet: 1..S-1; other backbones: none)"})
     topk: int = bounded(500, 0, help="logit KD over the teacher's top-k classes (authors: 500, for ImageNet); 0 or >= classes = all classes")
     individual: str = choice("", "", "super", "base", help="baselines: train only the super-net or only the base-net, with CE; empty = ADN training")
-    subnets: list[str] = field(default_factory=list, metadata={"help": "sub-networks to evaluate, e.g. [TTTT,FFFF]; empty = all 2^stages"})
+    subnets: list[str] = field(default_factory=list, metadata={"help": "sub-networks to evaluate, e.g. [TTTT,FFFF] (base = all T, super = all F); empty = all 2^stages"})
 
     def validate(self, section: str) -> None:
         if any(s < 1 for s in self.feature_stages) or len(set(self.feature_stages)) != len(self.feature_stages):
@@ -168,10 +168,11 @@ class ADN:
         every = subnet_names(_net(model).num_stages)
         if self.mcfg.individual:  # an individually trained network is evaluated as itself only
             return [every[-1] if self.mcfg.individual == "super" else every[0]]
-        chosen = list(self.mcfg.subnets) or every
+        alias = {"base": every[0], "super": every[-1]}  # names that hold whatever the stage count
+        chosen = [alias.get(n, n) for n in self.mcfg.subnets] or every
         bad = [n for n in chosen if n not in every]
         if bad or len(set(chosen)) != len(chosen):
-            raise ConfigError(f"{self.cfg.method}.subnets", self.mcfg.subnets, f"distinct names of {len(every[0])} letters T/F (one per stage, T = skipped), e.g. {every[0]},{every[-1]}; empty = all")
+            raise ConfigError(f"{self.cfg.method}.subnets", self.mcfg.subnets, f"distinct names of {len(every[0])} letters T/F (one per stage, T = skipped), e.g. {every[0]},{every[-1]}, or base / super; empty = all")
         return chosen
 
     def train_step(self, model, batch, backward):

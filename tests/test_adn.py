@@ -291,6 +291,8 @@ def test_predict_returns_every_sub_network_with_its_measured_cost():
     sub = get_method("adn").cls(adn_cfg("adn.subnets=[TTTT,FFFF]"))
     p2 = sub.predict(model, x)
     assert p2.names == ["TTTT", "FFFF"] and p2.costs.tolist() == [cost("TTTT"), cost("FFFF")]
+    aliased = get_method("adn").cls(adn_cfg("adn.subnets=[base,super]")).predict(model, x)
+    assert aliased.names == ["TTTT", "FFFF"] and torch.equal(aliased.logits, p2.logits)
 
 
 def test_bad_sub_network_names_fail_at_build_naming_the_key():

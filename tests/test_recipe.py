@@ -77,6 +77,10 @@ def test_adamw_decays_weights_only_and_sgd_everything():
     assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
     sgd = training.build_optimizer(model, config.cli_config([]))  # unchanged: one group, all decayed
     assert isinstance(sgd, torch.optim.SGD) and set(_decay_of(sgd).values()) == {1e-4}
+    # the ADN authors' SGD recipe: weights only (conv and linear weights), momentum kept
+    sgd = training.build_optimizer(model, config.cli_config(["optim.decay_norms=false"]))
+    assert isinstance(sgd, torch.optim.SGD) and {n for n, p in model.named_parameters() if _decay_of(sgd)[id(p)] == 1e-4} == {"conv.weight", "fc.weight"}
+    assert all(g["momentum"] == 0.9 for g in sgd.param_groups)
 
 
 def test_adamw_groups_of_adn_vit():

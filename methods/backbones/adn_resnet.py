@@ -140,6 +140,10 @@ def build_adn_resnet(cfg: ADNResNetConfig, info: DatasetInfo, skip_aware_norms: 
     return ADNResNet(cfg.block, list(cfg.layers), info.num_classes, cfg.width, cfg.stem, skip_aware_norms, info.channels, info.image_size)
 
 
-register_preset("adn-resnet50", "adn_resnet", "imagenet", "ResNet-50-ADN, ImageNet 224x224", block="bottleneck", layers=[3, 4, 6, 3], width=64, stem="imagenet")
-register_preset("adn-resnet101", "adn_resnet", "imagenet", "ResNet-101-ADN, ImageNet 224x224", block="bottleneck", layers=[3, 4, 23, 3], width=64, stem="imagenet")
+# The authors' ImageNet recipe (their README): 150 epochs of SGD, lr 0.1 x0.1 at 60 / 100 / 140,
+# weight decay 1e-4 on weights only (torchvision's reference script, which they train with), batch 256
+SGD_150 = {"run.epochs": 150, "optim.name": "sgd", "optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "optim.decay_norms": False,
+           "optim.schedule": "multistep", "optim.milestones": [60 / 150, 100 / 150, 140 / 150], "optim.gamma": 0.1}
+register_preset("adn-resnet50", "adn_resnet", "imagenet", "ResNet-50-ADN, ImageNet 224x224", recipe=SGD_150, block="bottleneck", layers=[3, 4, 6, 3], width=64, stem="imagenet")
+register_preset("adn-resnet101", "adn_resnet", "imagenet", "ResNet-101-ADN, ImageNet 224x224", recipe=SGD_150, block="bottleneck", layers=[3, 4, 23, 3], width=64, stem="imagenet")
 register_preset("adn-resnet-cifar", "adn_resnet", "cifar10", "small ADN ResNet for 32x32 inputs (basic blocks, width 16)", block="basic", layers=[2, 2, 2, 2], width=16, stem="cifar")

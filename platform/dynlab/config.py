@@ -132,6 +132,7 @@ class OptimConfig:
     name: str = choice("sgd", "sgd", "adamw", hash_default=False, help="sgd (momentum, nesterov, weight decay on every parameter) or adamw (torch.optim.AdamW, betas 0.9/0.999; optim.weight_decay on weights only: none on norms, biases, embeddings and position / class tokens)")
     min_lr: float = bounded(0.0, 0.0, hash_default=False, help="optim.schedule=cosine: the rate it decays to instead of 0 (DeiT: 1e-5)")
     label_smoothing: float = bounded(0.0, 0.0, hash_default=False, help="targets (1 - e) one-hot + e / classes in every method's cross-entropy (with MixUp / CutMix: of the mixed targets); 0 = off")
+    decay_norms: bool = field(default=True, metadata={"hash_default": False, "help": "optim.name=sgd: weight decay on norms, biases and embeddings too (false: on weights only, as AdamW always does and the ADN authors' SGD recipes: torchvision's --norm-weight-decay 0 --bias-weight-decay 0)"})
 
     def validate(self, section: str) -> None:
         if self.label_smoothing >= 1:

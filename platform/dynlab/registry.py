@@ -87,6 +87,9 @@ class Preset:
     values: dict[str, Any]
     dataset: str  # the dataset whose classes and input size the preset is defined for
     description: str = ""
+    # the training keys its authors used with this network (dotted: ``optim.lr``, ``run.epochs``,
+    # ...): not applied by ``preset=`` (a preset is a network); a reproduction's paper scale applies them
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 METHODS: dict[str, MethodEntry] = {}
@@ -120,8 +123,8 @@ def register_backbone(name: str, config_cls: type, description: str = "", method
     return deco
 
 
-def register_preset(name: str, backbone: str, dataset: str, description: str = "", **values):
-    PRESETS[name] = Preset(name, backbone, values, dataset, description)
+def register_preset(name: str, backbone: str, dataset: str, description: str = "", recipe: dict[str, Any] | None = None, **values):
+    PRESETS[name] = Preset(name, backbone, values, dataset, description, dict(recipe or {}))
 
 
 def _lookup(table: dict, key: str, value: str):

@@ -65,14 +65,17 @@ def build_optimizer(model: torch.nn.Module, cfg, method=None) -> torch.optim.Opt
     groups with their own settings (``method.param_groups(model)`` -> ``[{"params": [...],
     "lr_scale": 0.1, "weight_decay": 0}, ...]``, e.g. DMNN's gate layers); the schedule then scales
     every group's learning rate alike. AdamW splits each group again: no weight decay on norms,
-    biases, embeddings and position / class tokens (:func:`dynlab.recipe.no_weight_decay`), as DeiT."""
+    biases, embeddings and position / class tokens (:func:`dynlab.recipe.no_weight_decay`), as DeiT;
+    SGD does so with ``optim.decay_norms=false``."""
     o = cfg.optim
     groups = method.param_groups(unwrap(model)) if hasattr(method, "param_groups") else [{"params": list(model.parameters())}]
     groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": o.lr * g.get("lr_scale", 1.0)} for g in groups]
-    if o.name == "adamw":
+    if o.name == "adamw" or not o.decay_norms:
         from dynlab import recipe
 
-        return torch.optim.AdamW(recipe.split_weight_decay(unwrap(model), groups, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
+        groups = recipe.split_weight_decay(unwrap(model), groups, o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
 
 
