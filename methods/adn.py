@@ -175,6 +175,12 @@ class ADN:
             raise ConfigError(f"{self.cfg.method}.subnets", self.mcfg.subnets, f"distinct names of {len(every[0])} letters T/F (one per stage, T = skipped), e.g. {every[0]},{every[-1]}, or base / super; empty = all")
         return chosen
 
+    def train_macs(self, table) -> float:
+        """MACs per image of a training step's forward passes (the plan's compute): the super-net and
+        the base-net, or the one network trained alone."""
+        base, full = float(table.macs[0]), float(table.macs[-1])
+        return {"super": full, "base": base}.get(self.mcfg.individual, base + full)
+
     def train_step(self, model, batch, backward):
         images, targets = batch
         stages = _net(model).num_stages
@@ -219,6 +225,10 @@ class ADN:
         return c.kd_lambda * (kd_logit + c.feature_weight * kd_feature), {"kd_logit": kd_logit, "kd_feature": kd_feature}
 
     @torch.no_grad()
+    def predict_subnet(self, model, images, name: str) -> torch.Tensor:
+        """Logits of one sub-network only (budgeted serving runs just the chosen one)."""
+        return _net(model)(images, skip=name).float()
+
     def predict(self, model, images) -> SubnetPredictions:
         net = _net(model)
         names = self.subnets(net)

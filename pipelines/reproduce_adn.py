@@ -47,7 +47,7 @@ EVERY = {"method": "adn", "adn.subnets": ["base", "super"]}  # the two sub-netwo
 
 def _imagenet(preset: str, batch: int) -> dict:
     """A paper experiment's keys: the preset, its authors' recipe and ImageNet on 8 GPUs."""
-    return {"preset": preset, **registry.get_preset(preset).recipe, "data.root": "${repro.imagenet_root}", "data.heldout": 50000, "data.batch_size": batch}
+    return {"preset": preset, **registry.get_preset(preset).recipe, "data.name": "imagefolder", "data.root": "${repro.imagenet_root}", "data.heldout": 50000, "data.batch_size": batch}
 
 
 def _paper() -> Scale:
@@ -55,7 +55,7 @@ def _paper() -> Scale:
     return Scale(
         "paper",
         "the paper's networks with the authors' recipes (each preset's recipe: ResNet-50 150 epochs, MobileNetV2 300, the transformers 300 with DeiT's recipe) on ImageNet, 8 GPUs per trial, one seed",
-        {**EVERY, "preset": "adn-resnet50", "data.name": "imagefolder", "run.use_gpu": True, "run.num_workers": 8, "sweep.repeats": 1},
+        {**EVERY, "preset": "adn-resnet50", "run.use_gpu": True, "run.num_workers": 8, "sweep.repeats": 1},
         [
             # per-worker batches: 8 x 32 = 256 (the CNNs), 8 x 128 = 1024 (Swin-T), 8 x 64 = 512 (ViT-B)
             Experiment("table1-resnet50", "Table 1: ResNet50-ADN against ResNet50 and ResNet50-Base trained alone", _imagenet("adn-resnet50", 32), TABLE1),

@@ -61,9 +61,12 @@ class RunConfig:
     kill_after_epoch: int = field(default=-1, metadata={"hash": False, "min": -1, "help": "fault injection for tests"})
     ema_decay: float = bounded(0.0, 0.0, hash_default=False, help="keep an exponential moving average of the weights (and buffers), updated after every step with this decay (torch.optim.swa_utils.AveragedModel; DeiT: 0.99996); saved in the checkpoint; 0 = none")
     ema_eval: bool = field(default=False, metadata={"hash_default": False, "help": "score the held-out split, select and save best.pt with the EMA weights (needs run.ema_decay > 0)"})
+    log_model: bool = field(default=True, metadata={"hash": False, "help": "log the selected weights as an MLflow model with budgeted inference (the run's Model column; dynlab.served)"})
+    register_model: str = field(default="", metadata={"hash": False, "help": "register the logged model under this name in the MLflow Model Registry, a new version per run; empty = not registered"})
 
     def validate(self, section: str) -> None:
         check_name(f"{section}.name", self.name, empty_ok=True)  # "" = a fresh name per run
+        check_name(f"{section}.register_model", self.register_model, empty_ok=True)
         check_name(f"{section}.experiment", self.experiment)
         if self.ema_decay >= 1:
             raise ConfigError(f"{section}.ema_decay", self.ema_decay, ">= 0 and < 1 (1 would never move the average); 0 = no EMA")

@@ -261,11 +261,25 @@ def stages_text(stages: list[pipeline.Stage]) -> str:
 
 
 def _point_columns(table: pd.DataFrame, over: str) -> list[str]:
+    """The exits (by number, then by cost: sub-networks named by letters, base-net first) or the
+    budgets (by size) of a comparison table."""
     cols = comparison.accuracy_columns(table)
     if over == "exits":
         cols = [c for c in cols if c.startswith("acc_")]
-        return sorted(cols, key=lambda c: int("".join(ch for ch in c if ch.isdigit()) or 0))
+        return sorted(cols, key=lambda c: (int("".join(ch for ch in c if ch.isdigit()) or 0), _cost(table, c)))
     return sorted((c for c in cols if c.startswith("acc@")), key=lambda c: float(c[4:].replace("MMACs", "")))
+
+
+def _cost(table: pd.DataFrame, col: str) -> float:
+    """An exit's MMACs: the mean over the rows that have it (a network trained alone has one of an
+    ADN's two sub-networks)."""
+    mm = f"mmacs_{col[4:]}"
+    return float(table[mm].mean()) if mm in table and table[mm].notna().any() else math.nan
+
+
+def _numbered(cols: list[str]) -> bool:
+    """Whether the exits are numbered (early exits), not named (sub-networks such as TTTT)."""
+    return all(any(ch.isdigit() for ch in c) for c in cols)
 
 
 def differences(summary: pd.DataFrame, better: str, worse: str, over: str) -> pd.DataFrame:
@@ -342,9 +356,15 @@ def paper_claim(claim: Claim, published: dict, table_of: dict[str, str] | None =
         return _paper_points_claim(claim, table)
     if claim.over != "exits" or not table or claim.better not in table["rows"] or claim.worse not in table["rows"]:
         return "no values printed (a plot)"  # Fig. 4 and Fig. 6 of BoostNet, for instance
-    diff = np.array(table["rows"][claim.better]) - np.array(table["rows"][claim.worse])
+    diff = np.array(table["rows"][claim.better], dtype=float) - np.array(table["rows"][claim.worse], dtype=float)
     diff = diff[:1] if claim.at == "first" else diff[-1:] if claim.at == "last" else diff
-    return f"{table['source'].split(' (')[0]}: {diff.min():+.2f} .. {diff.max():+.2f} ({int((diff >= 0).sum())} of {len(diff)} >= 0)"
+    diff = diff[np.isfinite(diff)]  # the points both rows have (a network trained alone: one of two)
+    if not len(diff):
+        return "no values printed for these rows at these points"
+    where = table["source"].split(" (")[0]
+    if len(diff) == 1:
+        return f"{where}: {diff[0]:+.2f}"
+    return f"{where}: {diff.min():+.2f} .. {diff.max():+.2f} ({int((diff >= 0).sum())} of {len(diff)} >= 0)"
 
 
 def paper_points(table: dict) -> dict[str, tuple[float, float]]:
@@ -379,27 +399,29 @@ def experiment_table(summary: pd.DataFrame, experiment: dict, paper: dict | None
     """Per exit: our cost and rows (mean ± spread over seeds), the pair's difference and its
     verdict; the paper's cost and rows beside them when our exits are the paper's (equal costs)."""
     cols = _point_columns(summary, "exits")
-    mmacs = [float(summary[f"mmacs_{c[4:]}"].iloc[0]) if f"mmacs_{c[4:]}" in summary else math.nan for c in cols]
+    mmacs = [_cost(summary, c) for c in cols]
     joined = paper is not None and "cost" in paper and costs_match(mmacs, paper["cost"])
     out = pd.DataFrame({"exit": range(1, len(cols) + 1), "MMACs": [round(m, 2) for m in mmacs]})
+    if not _numbered(cols):
+        out.insert(1, "output", [c[4:] for c in cols])
     for label in experiment["rows"]:
         s = summary[summary["label"] == label]
         if s.empty:
             continue
         s = s.iloc[0]
         err = [s[f"{c}_std"] if s["n_seeds"] > 1 else s[f"{c}_se"] for c in cols]
-        out[label] = [f"{s[c]:.2f} ± {e:.2f}" if np.isfinite(e) else f"{s[c]:.2f}" for c, e in zip(cols, err)]
+        out[label] = ["-" if not np.isfinite(s[c]) else f"{s[c]:.2f} ± {e:.2f}" if np.isfinite(e) else f"{s[c]:.2f}" for c, e in zip(cols, err)]
     if pair:
-        d = differences(summary, *pair, "exits")
-        if not d.empty:
-            out[f"{pair[0]} - {pair[1]}"] = [f"{x:+.2f} ± {n:.2f}" for x, n in zip(d["diff"], d["noise"])]
-            out["verdict"] = [point_verdict(x, n) for x, n in zip(d["diff"], d["noise"])]
+        d = differences(summary, *pair, "exits").set_index("point")
+        if not d.empty:  # a point the two rows do not share (a network trained alone has one) is blank
+            out[f"{pair[0]} - {pair[1]}"] = [f"{d.at[c, 'diff']:+.2f} ± {d.at[c, 'noise']:.2f}" if c in d.index else "-" for c in cols]
+            out["verdict"] = [point_verdict(d.at[c, "diff"], d.at[c, "noise"]) if c in d.index else "-" for c in cols]
     if joined:
         out.insert(2, "paper MMACs", paper["cost"])
         for label, values in paper["rows"].items():
             out[f"paper {label}"] = values
         if pair and all(p in paper["rows"] for p in pair):
-            out[f"paper {pair[0]} - {pair[1]}"] = [f"{b - w:+.2f}" for b, w in zip(paper["rows"][pair[0]], paper["rows"][pair[1]])]
+            out[f"paper {pair[0]} - {pair[1]}"] = [f"{b - w:+.2f}" if np.isfinite(b - w) else "-" for b, w in zip(paper["rows"][pair[0]], paper["rows"][pair[1]])]
     return out, joined
 
 
@@ -446,8 +468,10 @@ def paper_table(paper: dict) -> pd.DataFrame:
             out[f"x {paper['reference']} cost"] = [round(c / ref[0], 3) for c, _ in pts.values()]
         return out
     out = pd.DataFrame({"exit": range(1, len(paper["cost"]) + 1), "MMACs": paper["cost"]})
+    if float(paper.get("cost_unit", 1e6)) != 1e6:
+        out = out.rename(columns={"MMACs": {1e9: "GMACs"}.get(float(paper["cost_unit"]), f"x{paper['cost_unit']:g} MACs")})
     for label, values in paper["rows"].items():
-        out[label] = values
+        out[label] = ["-" if not np.isfinite(v) else v for v in map(float, values)]
     return out
 
 
@@ -481,7 +505,7 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
             continue
         paper = published.get("tables", {}).get(e["paper"])
         cols = _point_columns(s, "exits")
-        mm = [float(s[f"mmacs_{c[4:]}"].iloc[0]) for c in cols]
+        mm = [_cost(s, c) for c in cols]
         same = paper is not None and "cost" in paper and costs_match(mm, paper["cost"])
         panels.append((e, s, paper, same))
         if paper is not None and not same:
@@ -500,7 +524,7 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
                 x = [r[f"mmacs_{c[4:]}"] for c in cols]
                 y = [r[c] for c in cols]
                 err = [r[f"{c}_std"] if r["n_seeds"] > 1 else r[f"{c}_se"] for c in cols]
-                what = "" if len(cols) == 1 else " exits"  # a gated network is one point: its mean executed cost
+                what = "" if len(cols) == 1 else " exits" if _numbered(cols) else " sub-networks"  # a gated network is one point: its mean executed cost
                 ax.errorbar(x, y, yerr=err, fmt="o", color=colour, capsize=2, label=f"{r['label']}{what} (n={int(r['n_seeds'])})")
                 bcols = _point_columns(s, "budgets")
                 if bcols:
@@ -513,7 +537,7 @@ def figure(summaries: dict[str, pd.DataFrame], experiments: list[dict], publishe
             ax.set_title(f"paper: {e['name']} ({paper['source'].split(' (')[0]})\nanother dataset and scale: shape only", fontsize=9)
         elif paper is not None and (same or e.get("paper_only")):
             for i, (label, values) in enumerate(paper["rows"].items()):
-                ax.plot(paper["cost"], values, "x--", color=colours.get(label, f"C{i + 5}"), alpha=0.8, label=f"paper {label} ({paper['dataset']})")
+                ax.plot([c * float(paper.get("cost_unit", 1e6)) / 1e6 for c in paper["cost"]], [float(v) for v in values], "x--", color=colours.get(label, f"C{i + 5}"), alpha=0.8, label=f"paper {label} ({paper['dataset']})")
             if e.get("paper_only"):
                 ax.set_title(f"paper: {e['name']} ({paper['source'].split(',')[0]})\nanother dataset and scale: shape only", fontsize=9)
         ax.set_xlabel("MMACs per image")
@@ -567,7 +591,9 @@ def reproduce_step(ctx: dag.StepContext, report: dict) -> dict:
         what = "executed cost and test accuracy" if one_point(s) else "test accuracy"
         md += [f"Ours: {what} % (mean ± std over {int(s['n_seeds'].max())} seed(s); ± binomial SE for one seed), on {int(s['n_test'].max())} test images.", "", _markdown(t), ""]
         if paper and not joined:
-            md += [f"The paper ({paper['source']}; {paper['dataset']}, preset {paper['preset']}): another dataset and scale than ours, so compare directions and shapes, not numbers.", "", _markdown(paper_table(paper)), ""]
+            same = e["paper"] == e["name"]  # the paper's own experiment (scale=paper), whose costs are rounded otherwise than ours
+            what = "its costs as printed" if same else "another dataset and scale than ours, so compare directions and shapes, not numbers"
+            md += [f"The paper ({paper['source']}; {paper['dataset']}, preset {paper['preset']}): {what}.", "", _markdown(paper_table(paper)), ""]
         bud = _point_columns(s, "budgets")
         if bud:
             b = pd.DataFrame({"budget MMACs": [col[4:].replace("MMACs", "") for col in bud]})
@@ -649,7 +675,8 @@ def _sizes(cfg: config_mod.Config) -> tuple[int, int, int]:
 
 
 def forward_macs(cfg: config_mod.Config, cache: dict | None = None) -> float:
-    """MACs of one forward pass through every exit (what a training step computes)."""
+    """MACs of the forward passes of one training step per image: one through every exit, unless the
+    method says otherwise (``train_macs(cost_table)``)."""
     from dynlab import data, registry
 
     cache = {} if cache is None else cache
@@ -660,9 +687,11 @@ def forward_macs(cfg: config_mod.Config, cache: dict | None = None) -> float:
         info = data.dataset_info(cfg.data) if kind == "synthetic" else data.STATIC_INFO[kind]
         if isinstance(getattr(cfg.method_cfg, "categories", None), str):  # DMNN: its category heads read the labels, and cost nothing at inference
             cfg = cfg.with_overrides({f"{cfg.method}.categories": "none"})
-        model = registry.get_method(cfg.method).cls(cfg).build_model(info)
-        cache[key] = float(model.cost_table.macs[-1])
-    return cache[key]
+        cache[key] = registry.get_method(cfg.method).cls(cfg).build_model(info).cost_table
+    method = registry.get_method(cfg.method).cls(cfg)
+    # a method whose step runs other passes than one through every exit says what they cost (ADN: the
+    # super-net and the base-net, or the one network trained alone)
+    return float(method.train_macs(cache[key])) if hasattr(method, "train_macs") else float(cache[key].macs[-1])
 
 
 def plan_frame(base: config_mod.Config, trials: list[sweeps.Trial]) -> pd.DataFrame:
@@ -693,7 +722,7 @@ def plan_frame(base: config_mod.Config, trials: list[sweeps.Trial]) -> pd.DataFr
 def _short(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ",".join(_short(x) for x in v) + "]"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def plan_text(base: config_mod.Config, scale: Scale, trials: list[sweeps.Trial], over: dict, command: str) -> str:

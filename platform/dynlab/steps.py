@@ -162,4 +162,8 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
             for name in (training.BEST_FILE, "config.yaml"):
                 if (Path(checkpoint_dir) / name).exists():
                     handle.log_artifact(Path(checkpoint_dir) / name, "checkpoint")
+    if checkpoint_dir and cfg.run.log_model:  # the selected model, loadable and servable without our code installed
+        from dynlab import served
+
+        served.log_model(handle, cfg, checkpoint_dir, data_mod.dataset_info(cfg.data), tables, ev)
     return Path(handle.artifact_uri().removeprefix("file://")) / "evaluation" / Path(fig).name
