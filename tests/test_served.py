@@ -164,6 +164,12 @@ def test_registered_model_gets_a_version_per_run(in_tmp):
     assert versions[0].tags["dynlab.method"] == "adn" and versions[0].tags["dynlab.dataset"] == "digits" and float(versions[0].tags["dynlab.test_accuracy"]) >= 0
     logged = client.get_logged_model(ids[0])
     assert logged.source_run_id == client.get_model_version("digits-adn", "1").run_id and str(logged.status).endswith("READY")
+    # the registered name resolves for inference; an unknown version is one message
+    from pipelines import infer
+
+    _digit_folder(in_tmp / "imgs", 8)
+    assert infer.main(["model=models:/digits-adn/2", f"data.root={in_tmp / 'imgs'}", f"out={in_tmp / 'a.parquet'}"]) == 0
+    assert infer.main(["model=models:/digits-adn/7", f"data.root={in_tmp / 'imgs'}", f"out={in_tmp / 'b.parquet'}"]) == 2
 
 
 def _free_port() -> int:
@@ -218,3 +224,52 @@ def test_mlflow_models_serve_answers_budgeted_requests_over_rest(saved, tmp_path
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _digit_folder(root: Path, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` digits test images as PNG files in folders named by class, and one image in
+    no class folder; returns their [0, 1] pixels and labels."""
+    from PIL import Image
+
+    _, _, te_x, te_y = data._digits_arrays(32)
+    for i in range(n):
+        (root / str(int(te_y[i]))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((te_x[i, 0].numpy() * 255).round().astype(np.uint8)).save(root / str(int(te_y[i])) / f"{i:03d}.png")
+    Image.fromarray((te_x[n, 0].numpy() * 255).round().astype(np.uint8)).save(root / "loose.png")
+    return te_x[: n + 1].numpy(), te_y[: n + 1].numpy()
+
+
+def test_infer_writes_predictions_of_every_image_with_the_accuracy_of_the_labelled_ones(saved, tmp_path, capsys):
+    import pandas as pd
+
+    from pipelines import infer
+
+    cfg, folder, ev, _, x, _ = saved["exit"]
+    pixels, labels = _digit_folder(tmp_path / "imgs")
+    budget = float(ev.budgeted[ev.budgeted["mode"] == "budget"].iloc[0]["requested_budget"])
+    assert infer.main([f"model={folder}", f"data.root={tmp_path / 'imgs'}", f"budget={budget}", f"out={tmp_path / 'out.parquet'}", "batch_size=16"]) == 0
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out.columns) == ["file", "label", "prediction", "class", "output", "mmacs"] and len(out) == 41
+    by_file = out.set_index("file")
+    assert by_file.loc["loose.png", "label"] == -1 and (by_file.drop("loose.png")["label"] >= 0).all()
+    # read as evaluation reads digits (within the PNG's 8-bit rounding), and answered as the model answers those tensors
+    from PIL import Image
+
+    transform = data.eval_transform(cfg.data, 32)
+    order = [f"{int(labels[i])}/{i:03d}.png" for i in range(40)]
+    tensors = torch.stack([transform(Image.open(tmp_path / "imgs" / f)) for f in order])
+    mean, std = float(data._digits_arrays(32)[0].mean()), float(data._digits_arrays(32)[0].std())
+    assert torch.allclose(tensors, ((torch.from_numpy(pixels[:40]) - mean) / std).repeat(1, 3, 1, 1), atol=0.6 / 255 / std)
+    mine = _budgeted(folder)(tensors.numpy(), budget)
+    assert by_file.loc[order, "prediction"].tolist() == mine["prediction"].tolist() and by_file.loc[order, "label"].tolist() == labels[:40].tolist()
+    acc = 100 * np.mean(mine["prediction"].to_numpy() == labels[:40])
+    assert f"accuracy {acc:.2f}%" in capsys.readouterr().out
+    # bad input: one message each, nothing written
+    for args, message in (
+        ([f"model={tmp_path / 'nope'}", f"data.root={tmp_path / 'imgs'}"], "'model' = "),
+        ([f"model={folder}", f"data.root={tmp_path / 'none'}"], "'data.root' = "),
+        ([f"model={folder}", f"data.root={tmp_path / 'imgs'}", "budget=1"], "'budget' = 1.0 is not allowed"),
+        ([f"model={folder}", "colour=red"], "argument 'colour=red' is not allowed"),
+    ):
+        assert infer.main([*args, f"out={tmp_path / 'bad.parquet'}"]) == 2
+        assert message in capsys.readouterr().out and not (tmp_path / "bad.parquet").exists()

@@ -1137,3 +1137,37 @@ def class_categories(spec: str, cfg: DataConfig, num_classes: int, key: str = "c
         return list(builtin) if builtin and len(builtin) == num_classes else None
     classes = _imagefolder_index(cfg).classes if cfg.name == "imagefolder" else None
     return load_categories(spec, num_classes, classes, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# inference on image files (pipelines.infer)
+
+
+def eval_transform(cfg: DataConfig, image_size: int):
+    """What evaluation does to one image of this dataset's kind, for image files from outside it:
+    PIL image -> [3, S, S], normalised as in training (digits: grey, its own mean and std; CIFAR:
+    its statistics; image folders: ImageNet's, CIFAR-style up to 64 px, else resize and centre crop)."""
+    from torchvision import transforms as T
+
+    if cfg.name == "digits":
+        tr_x, *_ = _digits_arrays(image_size)
+        mean, std = float(tr_x.mean()), float(tr_x.std())
+        return T.Compose([T.Grayscale(), T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize([mean], [std]), T.Lambda(lambda x: x.repeat(3, 1, 1))])
+    if cfg.name in CIFAR_STATS:
+        return T.Compose([T.Lambda(lambda im: im.convert("RGB")), _small_transforms(image_size, CIFAR_STATS[cfg.name], False, resize=True)[1]])
+    if cfg.name != "imagefolder":
+        raise DataError(f"data.name={cfg.name}: its images are generated, not files; a model trained on it cannot read image files")
+    small = image_size <= SMALL_IMAGE
+    ev = _small_transforms(image_size, IMAGENET_STATS, False, resize=True)[1] if small else _large_transforms(image_size, IMAGENET_STATS, False)[1]
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")), ev])
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The class names a model of this dataset predicts, by index ([] where unnamed)."""
+    if cfg.name == "digits":
+        return [str(i) for i in range(10)]
+    if cfg.name == "cifar10":
+        return list(CIFAR10_CLASS_NAMES)
+    if cfg.name == "imagefolder" and cfg.root:
+        return list(_imagefolder_index(cfg).classes)
+    return []

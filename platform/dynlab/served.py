@@ -140,7 +140,9 @@ def meta_of(cfg, info, tables, ev) -> tuple[dict, np.ndarray | None]:
     from dynlab.predictions import ExitPredictions, GatedPredictions
 
     test, _ = evaluation.frame_to_predictions(tables.test, "test")
-    meta: dict[str, Any] = {"info": dict(vars(info)), "method": cfg.method, "backbone": cfg.backbone}
+    from dynlab import data
+
+    meta: dict[str, Any] = {"info": dict(vars(info)), "method": cfg.method, "backbone": cfg.backbone, "classes": data.class_names(cfg.data)}
     conf = None
     if isinstance(test, GatedPredictions):
         heldout = tables.heldout if not tables.heldout.empty else tables.test
