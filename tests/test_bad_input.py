@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dynlab import preflight
-from pipelines import ablation_temperature, reproduce_boostnet, reproduce_dmnn, reproduce_imta, train
+from pipelines import ablation_temperature, infer, reproduce_adn, reproduce_boostnet, reproduce_dmnn, reproduce_imta, train
 
 TINY = ["msdnet.n_blocks=2", "msdnet.n_channels=4", "msdnet.growth_rate=2"]
 
@@ -236,6 +236,13 @@ ROWS += [
     ("reproduce_dmnn", ["dmnn_resnet.controller_prev=maybe"], ["'dmnn_resnet.controller_prev' = 'maybe'", "true or false"]),
     ("reproduce", ["scale=paper", "data.name=synthetic", "data.heldout=-1", "repro.only=[cifar100-msdnet]", "data.train_subset=5"], ["'data.train_subset' = 5", "at least one image per class (10 classes)"]),
     ("reproduce_imta", ["method=joint"], ["'method' = 'joint'", "imta (this pipeline trains IMTA's two phases)"]),
+    ("reproduce_adn", ["scale=laptop", "repro.only=[table1-resnet50]"], ["'repro.only' = ['table1-resnet50']", "experiments of scale laptop: cifar10-resnet, cifar10-resnet-ablation, cifar10-vit"]),
+    ("reproduce_adn", ["adn.subnets=[base,TTT]"], ["'adn.subnets' = ['base', 'TTT']", "or base / super"]),
+    ("train", ["run.register_model=my model"], ["'run.register_model' = 'my model'", "ASCII letters, digits"]),
+    ("train", ["optim.decay_norms=sometimes"], ["'optim.decay_norms' = 'sometimes'", "true or false"]),
+    ("infer", ["model={tmp}/no-such-model", "data.root={tmp}"], ["'model' = '{tmp}/no-such-model'", "the URI of a logged dynlab model"]),
+    ("infer", ["data.root={tmp}"], ["'model' is required"]),
+    ("infer", ["model=models:/m/1", "size=3"], ["argument 'size=3' is not allowed", "model, data.root, budget, out, batch_size"]),
 ]
 ROWS += [  # the training-recipe keys (dynlab.recipe)
     ("train", ["optim.name=adam"], ["'optim.name' = 'adam'", "one of sgd, adamw"]),
@@ -325,7 +332,7 @@ def assert_refused(root: Path, capsys, pipeline: str, args: list[str], fragments
     values = {**values, "tmp": str(root)}
     fill = lambda text: re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), text)  # noqa: E731
     args = [fill(a) for a in args]
-    main = {"train": train.main, "temperature": ablation_temperature.main, "reproduce": reproduce_boostnet.main, "reproduce_dmnn": reproduce_dmnn.main, "reproduce_imta": reproduce_imta.main}[pipeline]
+    main = {"train": train.main, "temperature": ablation_temperature.main, "reproduce": reproduce_boostnet.main, "reproduce_dmnn": reproduce_dmnn.main, "reproduce_imta": reproduce_imta.main, "reproduce_adn": reproduce_adn.main, "infer": infer.main}[pipeline]
     assert main(args) == 2
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.strip()]
