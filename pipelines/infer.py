@@ -72,10 +72,8 @@ def load(uri: str):
     from dynlab import tracking
 
     try:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        model = mlflow.pyfunc.load_model(uri)
+        with tracking.mlflow_global_uri(tracking.tracking_uri()):  # models:/NAME/VERSION resolves in our store
+            model = mlflow.pyfunc.load_model(uri)
     except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for a missing model
         raise InferError(f"'model' = {uri!r} is not allowed: expected the URI of a logged dynlab model (models:/NAME/VERSION, models:/<model id>, runs:/<run id>/model or a folder); MLflow says: {str(err).splitlines()[0][:300]}") from None
     inner = model.unwrap_python_model()

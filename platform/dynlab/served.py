@@ -273,10 +273,13 @@ def log_model(handle, cfg, checkpoint_dir: str | Path, info, tables, ev) -> str:
     if cfg.run.register_model:
         from mlflow.exceptions import MlflowException
 
+        from dynlab.tracking import mlflow_global_uri
+
         try:
             client.create_registered_model(cfg.run.register_model)
         except MlflowException as err:  # it exists: a new version of it
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
-        client.create_model_version(cfg.run.register_model, f"models:/{model.model_id}", run_id=handle.run_id, tags=tags, model_id=model.model_id)
+        with mlflow_global_uri(handle.uri):  # the version's models:/ source is resolved through MLflow's global URI
+            client.create_model_version(cfg.run.register_model, f"models:/{model.model_id}", run_id=handle.run_id, tags=tags, model_id=model.model_id)
     return model.model_id

@@ -72,6 +72,17 @@ def tracking_uri() -> str:
     return uri
 
 
+@contextlib.contextmanager
+def mlflow_global_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` inside the block and restored after (even
+    to "unset"): ``models:/`` URIs resolve through it, and a test or a second store in the same
+    process must not inherit it."""
+    from mlflow.tracking._tracking_service import utils  # MLflow's own block-scoped setter
+
+    with utils._use_tracking_uri(uri):
+        yield
+
+
 def ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
