@@ -273,3 +273,28 @@ def test_infer_writes_predictions_of_every_image_with_the_accuracy_of_the_labell
     ):
         assert infer.main([*args, f"out={tmp_path / 'bad.parquet'}"]) == 2
         assert message in capsys.readouterr().out and not (tmp_path / "bad.parquet").exists()
+
+
+def test_an_evaluated_run_shows_its_model_and_datasets_in_the_mlflow_ui(in_tmp):
+    """What the MLflow UI's columns read: the run's logged model (Model), its dataset inputs
+    (Dataset: training, held-out, test, one digest), and an experiment that opens in the
+    model-training view."""
+    from mlflow import MlflowClient
+
+    from dynlab import tracking
+
+    uri = tracking.tracking_uri()
+    exp = tracking.experiment_id("ui")
+    client = MlflowClient(uri)
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    cfg, info, tables, ev = _trained("exit", in_tmp / "run")
+    run = client.create_run(exp)
+    steps.log_evaluation(tracking.RunHandle(uri, run.info.run_id, exp), cfg, tables, ev, str(in_tmp / "run"))
+    got = client.get_run(run.info.run_id)
+    (model,) = got.outputs.model_outputs
+    assert client.get_logged_model(model.model_id).source_run_id == run.info.run_id
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in got.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "held-out", "test"} and len({d.digest for d in inputs.values()}) == 1
+    assert json.loads(inputs["held-out"].profile)["num_rows"] == 200 and json.loads(inputs["test"].profile)["num_rows"] == 500
+    link = tracking.compare_link(["a", "b"], exp)
+    assert link.startswith("http://127.0.0.1:5000/#/compare-runs?runs=") and "%5B%22a%22%2C%20%22b%22%5D" in link

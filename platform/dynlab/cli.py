@@ -192,3 +192,6 @@ def report(out: dict, handle: tracking.RunHandle, uri: str, name: str, finished:
     if out.get("figure"):
         print(f"[dynlab] figure: {out['figure']}")
     print(f"[dynlab] browse: {tracking.ui_hint(uri)}")
+    comp = out.get("comparison")
+    if comp is not None and "run_id" in comp and comp["run_id"].astype(bool).sum() > 1:  # the trials' runs, side by side
+        print(f"[dynlab] compare the trials: {tracking.compare_link([r for r in comp['run_id'] if r], handle.experiment_id)}")

@@ -162,6 +162,12 @@ def log_evaluation(handle: RunHandle, cfg, tables: PredictionTables, ev: Evaluat
             for name in (training.BEST_FILE, "config.yaml"):
                 if (Path(checkpoint_dir) / name).exists():
                     handle.log_artifact(Path(checkpoint_dir) / name, "checkpoint")
+    from dynlab import tracking
+
+    def count(frame: pd.DataFrame) -> int:
+        return int(frame["sample"].nunique()) if len(frame) else 0
+
+    tracking.log_dataset_inputs(handle, cfg.data, tables.heldout_indices, count(tables.heldout), count(tables.test))  # the UI's Dataset column
     if checkpoint_dir and cfg.run.log_model:  # the selected model, loadable and servable without our code installed
         from dynlab import served
 

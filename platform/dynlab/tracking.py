@@ -29,6 +29,7 @@ TRAIN_NAME_TAG = "dynlab.train_name"
 CONFIG_HASH_TAG = "dynlab.config_hash"
 OWNER_TAG = "dynlab.owner"  # host:pid:start of the driver process a RUNNING run belongs to
 PARENTS_TAG = "dynlab.earlier_parents"  # a child run continued under a new parent run lists the old ones
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow UI (3.x) to choose the experiment's view
 LOG_RETRY_SECONDS = 10.0  # a metric-logging call retries a dead server this long, then buffers
 HTTP_TIMEOUT_SECONDS = "10"  # per request while logging metrics; MLflow's default is 120 s with 7 retries
 
@@ -83,6 +84,34 @@ def mlflow_global_uri(uri: str) -> Iterator[None]:
         yield
 
 
+def log_dataset_inputs(handle: "RunHandle", data_cfg, heldout_indices: list[int], n_heldout: int, n_test: int) -> None:
+    """The run's data as MLflow dataset inputs (the UI's Dataset column): the training set, its
+    held-out split and the test set, each named after the dataset, with one digest for the data and
+    the exact held-out split (two runs with equal digests trained and selected on the same images)."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = {"name": data_cfg.name, "root": str(data_cfg.root or ""), "train_subset": data_cfg.train_subset, "heldout": data_cfg.heldout}
+    digest = hashlib.sha256(json.dumps({**source, "heldout_indices": sorted(heldout_indices)}, sort_keys=True).encode()).hexdigest()[:10]
+    inputs = []
+    for context, rows in (("training", None), ("held-out", n_heldout), ("test", n_test)):
+        profile = json.dumps({"num_rows": rows} if rows is not None else {"train_subset": data_cfg.train_subset, "heldout": n_heldout})
+        ds = Dataset(name=f"{data_cfg.name} ({context})", digest=digest, source_type="local" if data_cfg.root else "code", source=json.dumps(source), profile=profile)
+        inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+    client(handle.uri).log_inputs(handle.run_id, datasets=inputs)
+
+
+def compare_link(run_ids: list[str], experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page that compares these runs side by side (parameters, metrics, and the
+    cost-axis curves overlaid), without expanding a parent run by hand."""
+    import json
+    from urllib.parse import quote
+
+    return f"{base}/#/compare-runs?runs={quote(json.dumps(list(run_ids)))}&experiments={quote(json.dumps([str(experiment_id)]))}"
+
+
 def ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
@@ -106,7 +135,9 @@ def experiment_id(name: str, uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the cwd of whoever asks
         location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / name).as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        # the MLflow UI opens an experiment of this kind in its model-training view (runs, charts,
+        # models), not the GenAI view it picks for an experiment without the tag
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
