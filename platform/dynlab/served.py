@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +226,12 @@ def save_model(cfg, checkpoint_dir: str | Path, info, tables, ev, path: Path) ->
         example = np.zeros((1, *shape[1:]), dtype=np.float32)
         if path.exists():
             shutil.rmtree(path)
-        mlflow.pyfunc.save_model(
-            str(path), python_model=str(Path(__file__).resolve().parent / "served_model.py"), artifacts={"model": str(art)}, code_paths=code, signature=signature, input_example=(example, {"budget": float(meta["dearest"])}),
-            pip_requirements=_requirements(), metadata={"dynlab": {**{k: meta[k] for k in ("kind", "names", "costs", "cheapest", "dearest", "method", "backbone")}, "input_shape": list(shape)}},
-        )
+        with warnings.catch_warnings():  # "add type hints to predict": the signature above is the contract
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            mlflow.pyfunc.save_model(
+                str(path), python_model=str(Path(__file__).resolve().parent / "served_model.py"), artifacts={"model": str(art)}, code_paths=code, signature=signature, input_example=(example, {"budget": float(meta["dearest"])}),
+                pip_requirements=_requirements(), metadata={"dynlab": {**{k: meta[k] for k in ("kind", "names", "costs", "cheapest", "dearest", "method", "backbone")}, "input_shape": list(shape)}},
+            )
     return meta
 
 
