@@ -298,3 +298,19 @@ def test_an_evaluated_run_shows_its_model_and_datasets_in_the_mlflow_ui(in_tmp):
     assert json.loads(inputs["held-out"].profile)["num_rows"] == 200 and json.loads(inputs["test"].profile)["num_rows"] == 500
     link = tracking.compare_link(["a", "b"], exp)
     assert link.startswith("http://127.0.0.1:5000/#/compare-runs?runs=") and "%5B%22a%22%2C%20%22b%22%5D" in link
+
+
+def test_an_early_exit_model_without_a_held_out_split_answers_at_its_last_exit_only(tmp_path):
+    cfg, info, tables, _ = _trained("exit", tmp_path / "run")
+    cfg = cfg.with_overrides(["data.heldout=0", "eval.budgets=[]", "eval.num_budgets=0", "eval.p_grid=false"])
+    tables = steps.predict(cfg, str(tmp_path / "run"))
+    ev = steps.evaluate(cfg, tables)
+    served.save_model(cfg, tmp_path / "run", info, tables, ev, tmp_path / "model")
+    model = _budgeted(tmp_path / "model")
+    lo, hi = model.range
+    assert lo == hi == model.costs[-1].item()
+    x, _ = _test_images(cfg)
+    out = model(x[:16])
+    assert set(out["output"]) == {"exit4"} and np.array_equal(out["prediction"].to_numpy(), evaluation.frame_to_predictions(tables.test, "test")[0].logits[-1, :16].argmax(1).numpy())
+    with pytest.raises(ConfigError, match="'budget'"):
+        model(x[:2], hi / 2)

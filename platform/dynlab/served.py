@@ -93,6 +93,8 @@ class Budgeted:
         for row in self.meta.get("calibrated", []):
             if math.isclose(row["budget"], budget, rel_tol=1e-9):
                 return torch.tensor([float(t) for t in row["thresholds"]], dtype=torch.float64)
+        if self.conf is None:  # trained without a held-out split: the last exit for everyone
+            return torch.tensor([math.inf] * (len(self.costs) - 1) + [-math.inf], dtype=torch.float64)
         _, t = evaluation.solve_q(self.conf, self.costs, budget)
         return t
 
@@ -165,8 +167,8 @@ def meta_of(cfg, info, tables, ev) -> tuple[dict, np.ndarray | None]:
         meta["heldout_accuracy"] = [float(a) for a in ev.anytime.sort_values("index")["accuracy"]]
     meta["kind"] = "exit" if isinstance(test, ExitPredictions) else "subnet"
     if meta["kind"] == "exit":
-        if conf is None:
-            raise ConfigError("data.heldout", 0, "a held-out split for an early-exit network's model (its thresholds are calibrated on it)")
+        if conf is None:  # data.heldout=0: nothing to calibrate thresholds on, so only the last exit (every image runs the whole network)
+            meta["cheapest"] = meta["dearest"]
         if ev.budgeted is not None:
             rows = ev.budgeted[ev.budgeted["mode"] == "budget"]
             meta["calibrated"] = [{"budget": float(r["requested_budget"]), "thresholds": [t if math.isfinite(t) else ("inf" if t > 0 else "-inf") for t in r["thresholds"]]} for _, r in rows.iterrows()]
