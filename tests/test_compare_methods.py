@@ -19,7 +19,7 @@ def test_every_method_once_per_seed_with_shared_budgets_and_imta_in_two_stages()
     assert [by[f"{m}-seed0"].method for m in ("BoostNet", "joint", "DMNN", "ADN", "IMTA")] == ["boostnet", "joint", "dmnn", "adn", "imta"]
     assert by["BoostNet-seed0"].method_cfg.temperature == 0.25 and by["IMTA-seed1"].method_cfg.alpha == 0.7  # a method's own keys reach its row
     assert by["ADN-seed0"].backbone_cfg.width == 8 and by["joint-seed0"].backbone == "msdnet"
-    assert by["DMNN-seed1"].run.seed == 1 and by["DMNN-seed0"].run.epochs == cm.DEFAULT_EPOCHS
+    assert by["DMNN-seed1"].run.seed == 1 and by["DMNN-seed0"].run.epochs == cm.DMNN_DEFAULT_EPOCHS and by["ADN-seed0"].run.epochs == cm.DEFAULT_EPOCHS
     budgets = {tuple(by[f"{m}-seed0"].eval.budgets) for m in ("BoostNet", "joint", "IMTA")}
     assert len(budgets) == 1 and len(next(iter(budgets))) == cfg.eval.num_budgets  # one set of budget columns
     assert by["DMNN-seed0"].eval.budgets == [] and by["ADN-seed0"].eval.budgets == []
