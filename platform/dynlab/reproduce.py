@@ -271,10 +271,11 @@ def _point_columns(table: pd.DataFrame, over: str) -> list[str]:
 
 
 def _cost(table: pd.DataFrame, col: str) -> float:
-    """An exit's MMACs: the mean over the rows that have it (a network trained alone has one of an
-    ADN's two sub-networks)."""
+    """An exit's MMACs: the first row's that has it (a network trained alone has one of an ADN's two
+    sub-networks; IMTA's ISC rows are a little dearer than the first row, the paper's network)."""
     mm = f"mmacs_{col[4:]}"
-    return float(table[mm].mean()) if mm in table and table[mm].notna().any() else math.nan
+    have = table[mm].dropna() if mm in table else pd.Series(dtype=float)
+    return float(have.iloc[0]) if len(have) else math.nan
 
 
 def _numbered(cols: list[str]) -> bool:
