@@ -23,7 +23,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 KEYS = {"model": "", "data.root": "", "budget": "", "out": "inference.parquet", "batch_size": "64"}

@@ -88,7 +88,7 @@ LAPTOP_ADAMW = {"optim.name": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0
 
 
 def _laptop() -> Scale:
-    # 24 trainings (the ADN row is Table 4's "both"): about an hour on 2 cores, two at a time
+    # 27 trainings (the ADN row is Table 4's "both"): about an hour on 2 cores, two at a time
     return Scale(
         "laptop",
         "CIFAR-10 (6,000 training images, 2,000 held-out, the full 10,000-image test set), the CIFAR presets adn-resnet-cifar (SGD) and adn-vit-cifar (AdamW), 8 epochs, 3 seeds: the paper's directions at a reduced scale, not its numbers",

@@ -19,6 +19,7 @@ import methods  # noqa: F401  (fills the registries)
 from dynlab import config, data, evaluation, served, steps, training
 from dynlab.errors import ConfigError
 from dynlab.registry import get_method
+from tests.test_storage import free_port
 
 CASES = {
     "exit": ["method=boostnet", "backbone=msdnet"],
@@ -172,14 +173,6 @@ def test_registered_model_gets_a_version_per_run(in_tmp):
     assert infer.main(["model=models:/digits-adn/7", f"data.root={in_tmp / 'imgs'}", f"out={in_tmp / 'b.parquet'}"]) == 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
@@ -201,7 +194,7 @@ def test_mlflow_models_serve_answers_budgeted_requests_over_rest(saved, tmp_path
     import urllib.request
 
     cfg, folder, ev, _, x, _ = saved["subnet"]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn beside this python
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
